@@ -1,0 +1,171 @@
+"""Configuration keys of SkySense-O, added to a Detectron2 config by ``add_skysense_o_config``."""
+
+from detectron2.config import CfgNode as CN
+
+
+def add_skysense_o_config(cfg: CN) -> None:
+    """Add every key that SkySense-O reads to ``cfg``, with its default value.
+
+    Keys live under ``cfg.MODEL.SKYSENSE_O`` (the model), ``cfg.DATASETS`` and ``cfg.INPUT``
+    (the data), ``cfg.SOLVER`` (optimisation) and ``cfg.TEST`` (inference), grouped by concern.
+    """
+    cfg.MODEL.META_ARCHITECTURE = "SkySenseO"
+    # Images arrive as RGB in 0..255. These are CLIP's normalisation constants in those units;
+    # the SkySense-CLIP release normalises with the ImageNet values (123.675, 116.28, 103.53)
+    # and (58.395, 57.12, 57.375) instead, which its configs set.
+    cfg.MODEL.PIXEL_MEAN = [122.7709383, 116.7460125, 104.09373615]
+    cfg.MODEL.PIXEL_STD = [68.5005327, 66.6321579, 70.32316305]
+
+    cfg.MODEL.SKYSENSE_O = CN()
+    node = cfg.MODEL.SKYSENSE_O
+
+    # ---- Vision-language backbone --------------------------------------------------------
+    node.BACKBONE = CN()
+    # Registered name in VL_BACKBONE_REGISTRY: "OpenCLIPBackbone" (any open_clip model) or
+    # "SkySenseCLIPBackbone" (the Swin-V2 tower of the SkySense-O release).
+    node.BACKBONE.NAME = "OpenCLIPBackbone"
+    # open_clip architecture name, for example "ViT-B-16", "ViT-L-14" or this project's
+    # "SkySense-Tiny" (see skysense_o/model_configs/). For SkySenseCLIPBackbone, one of the
+    # release variants "tiny", "small", "base", "large", "huge" or "giant".
+    node.BACKBONE.ARCH = "SkySense-Tiny"
+    # open_clip pretrained tag (for example "openai" or "laion2b_s34b_b88k"). Empty: no
+    # download. A tag makes open_clip fetch the weights, so it needs network access once.
+    node.BACKBONE.PRETRAINED = ""
+    # Local weights file: an open_clip checkpoint, a RemoteCLIP/GeoRSCLIP-style state dict, or
+    # the SkySense-CLIP pre-training file. Empty with no PRETRAINED tag: random initialisation,
+    # reported with a WARNING.
+    node.BACKBONE.CHECKPOINT = ""
+    # Side of the square image (pixels) that the backbone sees in "whole" inference and in
+    # training. 384 in the release.
+    node.BACKBONE.IMAGE_SIZE = 384
+    # Indices of the transformer layers (0-based) whose tokens give the two guidance maps of a
+    # ViT backbone, coarse to fine. Ignored by hierarchical backbones, which use their early
+    # stages.
+    node.BACKBONE.GUIDANCE_LAYERS = [3, 7]
+    # Fine-tuning of each tower: "frozen" (no gradient), "attention" (attention and position
+    # parameters only) or "full".
+    node.BACKBONE.VISUAL_FINETUNE = "attention"
+    node.BACKBONE.TEXT_FINETUNE = "attention"
+    # Learning-rate multiplier for every backbone parameter (0.01 in the release).
+    node.BACKBONE.LR_MULTIPLIER = 0.01
+    # Gradient checkpointing in the image tower: trades compute for activation memory.
+    node.BACKBONE.GRAD_CHECKPOINTING = False
+
+    # ---- Text prompts and the text-embedding cache ---------------------------------------
+    node.TEXT = CN()
+    # Prompt templates; "{}" is replaced by the class name. With several templates the
+    # embeddings of one class are averaged ("ensemble") or kept apart as prompt channels
+    # ("channels"), see ENSEMBLE.
+    node.TEXT.TEMPLATES = ["A remote sensing image of a {}."]
+    # "mean": average the normalised embeddings of the templates per class (one prompt channel);
+    # "channels": one cost-volume channel per template (the decoder sees P = len(TEMPLATES)).
+    node.TEXT.ENSEMBLE = "mean"
+    # Number of prompts encoded per text-tower forward at inference; bounds the memory used to
+    # encode a large vocabulary (1,763 names in the open-world list).
+    node.TEXT.CHUNK_SIZE = 128
+    # Number of distinct vocabularies whose embeddings are kept in the inference cache.
+    node.TEXT.CACHE_ENTRIES = 8
+
+    # ---- Decoder ---------------------------------------------------------------------------
+    node.DECODER = CN()
+    # Registered name in DECODER_REGISTRY: "CostAggregationDecoder" (the release's design) or
+    # "SAMMaskDecoder" (two-way transformer with class tokens as prompts).
+    node.DECODER.NAME = "CostAggregationDecoder"
+    # Channels of the 1x1 convs that reduce the two guidance maps before the decoder
+    # (256 and 128 in the release), coarse to fine.
+    node.DECODER.GUIDANCE_CHANNELS = [256, 128]
+    # Hidden width of the decoder (128 in the release).
+    node.DECODER.HIDDEN_DIM = 128
+    # Width of the projected text guidance and appearance guidance (128 in the release).
+    node.DECODER.TEXT_GUIDANCE_DIM = 128
+    node.DECODER.APPEARANCE_GUIDANCE_DIM = 128
+    # Output channels of the two upsampling blocks, coarse to fine ([64, 32] in the release).
+    node.DECODER.UPSAMPLE_DIMS = [64, 32]
+    # Channels the two guidance maps are projected to inside the upsampling blocks.
+    node.DECODER.UPSAMPLE_GUIDANCE_DIMS = [32, 16]
+    # Aggregation layers (each: spatial Swin blocks, then class attention) and their heads.
+    node.DECODER.NUM_LAYERS = 2
+    node.DECODER.NUM_HEADS = 4
+    # Window of the spatial Swin blocks, in embedding cells (12 in the release).
+    node.DECODER.WINDOW_SIZE = 12
+    # Average-pooling kernel before class attention (2x2 in the release).
+    node.DECODER.POOLING_SIZE = [2, 2]
+    # Class budget: above this many classes only the top ones by best raw similarity are
+    # decoded and the rest get logit -100. With PAD_CLASSES, fewer classes are padded to it
+    # with learned tokens (the release pads to 256).
+    node.DECODER.CLASS_BUDGET = 256
+    node.DECODER.PAD_CLASSES = True
+    # SAM-style decoder: depth, heads and MLP width of its two-way transformer.
+    node.DECODER.SAM_DEPTH = 2
+    node.DECODER.SAM_NUM_HEADS = 8
+    node.DECODER.SAM_MLP_DIM = 1024
+    # SAM-style decoder: number of class tokens attended to in one chunk; memory grows linearly
+    # with the vocabulary because tokens are processed in chunks of this size.
+    node.DECODER.SAM_CLASS_CHUNK = 64
+
+    # ---- Losses ----------------------------------------------------------------------------
+    node.LOSS = CN()
+    # Weight of the per-pixel binary cross-entropy over classes (ignored pixels excluded).
+    node.LOSS.PIXEL_WEIGHT = 1.0
+    # Weight of the region-text contrast between mask-pooled image features and class texts.
+    node.LOSS.REGION_CONTRAST_WEIGHT = 0.0
+    # Weight of the vision-centric regulariser (graph- and name-similarity-weighted).
+    node.LOSS.REGULAR_WEIGHT = 0.0
+    # Multiplier applied to the min-max normalised region-text similarities before they are used
+    # as logits (1.0 reproduces the release's formula).
+    node.LOSS.CONTRAST_SCALE = 1.0
+    # Source of the class-name similarity of the regulariser: "text_tower" (this model's own
+    # text tower, no extra download) or a path or name of a sentence-transformers model.
+    node.LOSS.NAME_SIMILARITY = "text_tower"
+    # Label value that the losses skip.
+    node.LOSS.IGNORE_VALUE = 255
+
+    # ---- Inference --------------------------------------------------------------------------
+    node.INFERENCE = CN()
+    # "whole": resize the padded image to IMAGE_SIZE x IMAGE_SIZE (the release's protocol);
+    # "sliding": windows of WINDOW pixels at STRIDE, averaged where they overlap.
+    node.INFERENCE.MODE = "whole"
+    # Keep the aspect ratio in "whole" mode (resize the long side to IMAGE_SIZE and pad),
+    # instead of squashing the image to a square as the release does.
+    node.INFERENCE.KEEP_ASPECT_RATIO = False
+    node.INFERENCE.WINDOW = 384
+    node.INFERENCE.STRIDE = 256
+    # Sliding mode: also predict a resized view of the whole image and average it in with
+    # this weight (0 disables the global view).
+    node.INFERENCE.GLOBAL_WEIGHT = 0.0
+    # Upper bound on the images per backbone forward in sliding mode.
+    node.INFERENCE.WINDOW_BATCH = 4
+    # Retrieval augmentation: when a class has synonyms (from the dataset's metadata or the
+    # input), its score is the maximum over the class and its synonyms.
+    node.INFERENCE.RETRIEVAL_AUGMENTATION = False
+
+    # ---- Data ------------------------------------------------------------------------------
+    # Name of the dataset mapper in MAPPER_REGISTRY used for training.
+    cfg.INPUT.DATASET_MAPPER_NAME = "skysa_semantic"
+    # SSD-style photometric distortion during training.
+    cfg.INPUT.COLOR_AUG_SSD = True
+    # Pad images to a multiple of this many pixels (32 in the release).
+    cfg.INPUT.SIZE_DIVISIBILITY = 32
+    # Refuse images with more pixels than this (a guard against decompression bombs).
+    # Images above it can still be segmented with the demo's sliding window after raising it.
+    cfg.INPUT.MAX_IMAGE_PIXELS = 178_956_970
+    # Bands of a multi-band image used as R, G, B (0-based).
+    cfg.INPUT.BANDS = [0, 1, 2]
+
+    cfg.DATASETS.SKYSA = CN()
+    # Names sampled per image in training: the image's classes, then negatives up to this.
+    cfg.DATASETS.SKYSA.TEXT_BATCH = 100
+    # Graph score bounds [neg_low, neg_high, pos_low, pos_high] (integers 1..10) that make a
+    # neighbour a negative or a positive in dynamic text sampling.
+    cfg.DATASETS.SKYSA.SAMPLING_HYPER = [1, 3, 9, 10]
+    # The visual-relevance graph (a skysa_graph.jsonl file). Empty: the Sky-SA default
+    # <DETECTRON2_DATASETS>/Sky-SA/skysa_graph.jsonl for Sky-SA datasets, none otherwise.
+    cfg.DATASETS.SKYSA.GRAPH_FILE = ""
+    # Fraction of training samples that may fail to load (skipped and logged) before the run
+    # stops, checked once at least 20 samples have been read.
+    cfg.DATASETS.SKYSA.MAX_BAD_SAMPLE_FRACTION = 0.05
+
+    # ---- Optimisation ------------------------------------------------------------------------
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # Stop the run when the loss is not finite.
+    cfg.SOLVER.STOP_ON_NONFINITE_LOSS = True

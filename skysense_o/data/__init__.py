@@ -1,0 +1,1 @@
+"""Datasets, dataset mappers and the visual-relevance graph; importing registers them."""

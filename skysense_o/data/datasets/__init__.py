@@ -1,0 +1,1 @@
+"""Dataset registrations in Detectron2's DatasetCatalog and MetadataCatalog."""

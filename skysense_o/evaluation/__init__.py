@@ -1,0 +1,1 @@
+"""Evaluators for open-vocabulary semantic segmentation."""

@@ -1,0 +1,5 @@
+"""Model components; importing this package registers them."""
+
+from . import backbone, decoder
+from .backbone.base import VL_BACKBONE_REGISTRY, VisionLanguageBackbone, build_vl_backbone
+from .decoder.base import DECODER_REGISTRY, SegmentationDecoder, build_decoder

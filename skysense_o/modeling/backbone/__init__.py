@@ -1,0 +1,3 @@
+"""Vision-language backbones; importing this package registers them."""
+
+from .base import VL_BACKBONE_REGISTRY, DenseFeatures, VisionLanguageBackbone, build_vl_backbone

@@ -1,0 +1,3 @@
+"""Decoders from embeddings to class logits; importing this package registers them."""
+
+from .base import DECODER_REGISTRY, SegmentationDecoder, build_decoder
