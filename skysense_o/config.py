@@ -18,6 +18,9 @@ def add_skysense_o_config(cfg: CN) -> None:
 
     cfg.MODEL.SKYSENSE_O = CN()
     node = cfg.MODEL.SKYSENSE_O
+    # Require MODEL.WEIGHTS to match the model exactly (names and shapes). False loads what
+    # matches and logs the rest at WARNING; use it only for a deliberate partial load.
+    node.WEIGHTS_STRICT = True
 
     # ---- Vision-language backbone --------------------------------------------------------
     node.BACKBONE = CN()
@@ -26,7 +29,8 @@ def add_skysense_o_config(cfg: CN) -> None:
     node.BACKBONE.NAME = "OpenCLIPBackbone"
     # open_clip architecture name, for example "ViT-B-16", "ViT-L-14" or this project's
     # "SkySense-Tiny" (see skysense_o/model_configs/). For SkySenseCLIPBackbone, one of the
-    # release variants "tiny", "small", "base", "large", "huge" or "giant".
+    # Swin-V2 variants "tiny", "small", "base", "large", "huge" (the release) or "giant", or
+    # "custom" for the image tower given under SKYSENSE_CLIP.
     node.BACKBONE.ARCH = "SkySense-Tiny"
     # open_clip pretrained tag (for example "openai" or "laion2b_s34b_b88k"). Empty: no
     # download. A tag makes open_clip fetch the weights, so it needs network access once.
@@ -50,6 +54,31 @@ def add_skysense_o_config(cfg: CN) -> None:
     node.BACKBONE.LR_MULTIPLIER = 0.01
     # Gradient checkpointing in the image tower: trades compute for activation memory.
     node.BACKBONE.GRAD_CHECKPOINTING = False
+    # SkySenseCLIPBackbone only; the defaults describe the release's model.
+    node.BACKBONE.SKYSENSE_CLIP = CN()
+    # Image tower used when ARCH is "custom" (ignored for named variants): patch-embedding
+    # width, blocks and attention heads per stage, and an extra LayerNorm after every n-th
+    # block of a stage (0: none).
+    node.BACKBONE.SKYSENSE_CLIP.EMBED_DIMS = 352
+    node.BACKBONE.SKYSENSE_CLIP.DEPTHS = [2, 2, 18, 2]
+    node.BACKBONE.SKYSENSE_CLIP.NUM_HEADS = [8, 16, 32, 64]
+    node.BACKBONE.SKYSENSE_CLIP.EXTRA_NORM_EVERY_N_BLOCKS = 6
+    # Attention window of each image stage (tokens per side), and the window each stage was
+    # pre-trained with, which scales the continuous position bias (0: the stage's own window).
+    node.BACKBONE.SKYSENSE_CLIP.WINDOW_SIZES = [8, 8, 8, 16]
+    node.BACKBONE.SKYSENSE_CLIP.PRETRAINED_WINDOW_SIZES = [0, 0, 0, 8]
+    # Stochastic depth in training: drop probability of the last image block, rising linearly
+    # from 0 at the first block. 0..1.
+    node.BACKBONE.SKYSENSE_CLIP.DROP_PATH_RATE = 0.2
+    # Width E of the joint embedding space.
+    node.BACKBONE.SKYSENSE_CLIP.EMBED_DIM = 1024
+    # Text transformer: width, layers, heads, tokens per prompt and vocabulary size (the last
+    # two are fixed by CLIP's BPE tokenizer).
+    node.BACKBONE.SKYSENSE_CLIP.TEXT_WIDTH = 1024
+    node.BACKBONE.SKYSENSE_CLIP.TEXT_LAYERS = 24
+    node.BACKBONE.SKYSENSE_CLIP.TEXT_HEADS = 16
+    node.BACKBONE.SKYSENSE_CLIP.CONTEXT_LENGTH = 77
+    node.BACKBONE.SKYSENSE_CLIP.VOCAB_SIZE = 49408
 
     # ---- Text prompts and the text-embedding cache ---------------------------------------
     node.TEXT = CN()
@@ -95,6 +124,10 @@ def add_skysense_o_config(cfg: CN) -> None:
     # with learned tokens (the release pads to 256).
     node.DECODER.CLASS_BUDGET = 256
     node.DECODER.PAD_CLASSES = True
+    # Cost-aggregation decoder: number of classes that go through the per-class stages
+    # (spatial Swin blocks and upsampling blocks) together. It bounds peak memory for large
+    # vocabularies and does not change the output; 0 runs all classes at once.
+    node.DECODER.CLASS_CHUNK = 32
     # SAM-style decoder: depth, heads and MLP width of its two-way transformer.
     node.DECODER.SAM_DEPTH = 2
     node.DECODER.SAM_NUM_HEADS = 8
@@ -119,6 +152,16 @@ def add_skysense_o_config(cfg: CN) -> None:
     node.LOSS.NAME_SIMILARITY = "text_tower"
     # Label value that the losses skip.
     node.LOSS.IGNORE_VALUE = 255
+    # Count ignored pixels as negatives of every class in the pixel loss, as the release does.
+    # False (the default) leaves them out.
+    node.LOSS.IGNORE_AS_NEGATIVE = False
+    # How region features are computed for the two auxiliary losses: "embedding" pools the
+    # dense embedding at its own resolution with area-resized masks; "pixel_shuffle" is the
+    # release's path (a 1x1 conv to E x UPSCALE^2 channels, a pixel shuffle and a 1x1 conv;
+    # 268M parameters at E = 1024), kept for exact reproduction.
+    node.LOSS.REGION_POOLING = "embedding"
+    # Upscale factor of the "pixel_shuffle" region path (16 in the release).
+    node.LOSS.PIXEL_SHUFFLE_UPSCALE = 16
 
     # ---- Inference --------------------------------------------------------------------------
     node.INFERENCE = CN()
@@ -135,6 +178,9 @@ def add_skysense_o_config(cfg: CN) -> None:
     node.INFERENCE.GLOBAL_WEIGHT = 0.0
     # Upper bound on the images per backbone forward in sliding mode.
     node.INFERENCE.WINDOW_BATCH = 4
+    # Autocast dtype at inference: "" (float32), "bfloat16" or "float16". Training uses
+    # SOLVER.AMP instead.
+    node.INFERENCE.AMP_DTYPE = ""
     # Retrieval augmentation: when a class has synonyms (from the dataset's metadata or the
     # input), its score is the maximum over the class and its synonyms.
     node.INFERENCE.RETRIEVAL_AUGMENTATION = False
@@ -165,7 +211,25 @@ def add_skysense_o_config(cfg: CN) -> None:
     # stops, checked once at least 20 samples have been read.
     cfg.DATASETS.SKYSA.MAX_BAD_SAMPLE_FRACTION = 0.05
 
+    # ---- Evaluation outputs --------------------------------------------------------------------
+    cfg.TEST.SKYSENSE_O = CN()
+    # Write a colour map and an overlay with a legend for every evaluated image.
+    cfg.TEST.SKYSENSE_O.VISUALIZE = False
+    # Also write each predicted label map as a PNG.
+    cfg.TEST.SKYSENSE_O.SAVE_PREDICTIONS = False
+    # Also evaluate the majority-class baseline: predict, everywhere, the class with the most
+    # labelled pixels in DATASETS.TRAIN among each evaluation dataset's classes.
+    cfg.TEST.SKYSENSE_O.MAJORITY_BASELINE = False
+
     # ---- Optimisation ------------------------------------------------------------------------
+    # "ADAMW" (the release) or "SGD" (with SOLVER.MOMENTUM).
     cfg.SOLVER.OPTIMIZER = "ADAMW"
-    # Stop the run when the loss is not finite.
-    cfg.SOLVER.STOP_ON_NONFINITE_LOSS = True
+    # Weight decay of normalisation layers, biases and embeddings (0 in the release).
+    cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    # Clip the gradient norm of all parameters together ("full_model", as the release does at
+    # 0.01); Detectron2's per-parameter "value" and "norm" clipping are accepted too.
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.01
+    cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
