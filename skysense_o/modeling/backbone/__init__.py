@@ -1,3 +1,4 @@
 """Vision-language backbones; importing this package registers them."""
 
 from .base import VL_BACKBONE_REGISTRY, DenseFeatures, VisionLanguageBackbone, build_vl_backbone
+from .skysense_clip import SkySenseCLIPBackbone
