@@ -192,6 +192,12 @@ def add_skysense_o_config(cfg: CN) -> None:
     cfg.INPUT.COLOR_AUG_SSD = True
     # Pad images to a multiple of this many pixels (32 in the release).
     cfg.INPUT.SIZE_DIVISIBILITY = 32
+    # Value (0..255, all channels) of the image pixels added by padding in training; 128 in the
+    # release. Padded label pixels are ignored.
+    cfg.INPUT.IMAGE_PAD_VALUE = 128
+    # Training crop: the largest share (0..1] of the crop's labelled pixels that one class may
+    # cover; up to 10 crops are tried to meet it. 1.0 turns the constraint off.
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     # Refuse images with more pixels than this (a guard against decompression bombs).
     # Images above it can still be segmented with the demo's sliding window after raising it.
     cfg.INPUT.MAX_IMAGE_PIXELS = 178_956_970

@@ -1,1 +1,6 @@
 """Datasets, dataset mappers and the visual-relevance graph; importing registers them."""
+
+from . import dataset_mappers, datasets
+from .dataset_mappers import MAPPER_REGISTRY
+from .graph import VisualRelevanceGraph, load_graph
+from .sampling import sample_texts

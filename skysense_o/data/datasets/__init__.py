@@ -1,1 +1,5 @@
 """Dataset registrations in Detectron2's DatasetCatalog and MetadataCatalog."""
+
+from . import register_folder, register_skysa
+from .register_folder import register_folder_dataset
+from .register_skysa import register_skysa_folder
