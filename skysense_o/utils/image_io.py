@@ -320,6 +320,22 @@ def read_geotiff(
     return image, profile
 
 
+def read_image_size(path: PathLike) -> Tuple[int, int]:
+    """Read the ``(width, height)`` of an image or label file from its header only.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a readable image.
+    """
+    path = Path(path)
+    _check_exists(path)
+    if path.suffix.lower() in RASTERIO_SUFFIXES:
+        with _open_rasterio(path) as dataset:
+            return dataset.width, dataset.height
+    with _open_pil(path, max_pixels=None) as pil_image:
+        return pil_image.width, pil_image.height
+
+
 def _label_from_colour(path: Path, data: np.ndarray) -> np.ndarray:
     """Accept a 3- or 4-channel label only when its colour channels are equal (grey)."""
     colour = data[:, :, :3]
