@@ -3,3 +3,4 @@
 from . import backbone, decoder
 from .backbone.base import VL_BACKBONE_REGISTRY, VisionLanguageBackbone, build_vl_backbone
 from .decoder.base import DECODER_REGISTRY, SegmentationDecoder, build_decoder
+from .text_embeddings import TextEmbedder
