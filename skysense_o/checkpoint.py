@@ -1,0 +1,115 @@
+"""Detectron2 checkpointer that loads safely, matches keys strictly and saves atomically."""
+
+import logging
+import os
+import tempfile
+from typing import Any, Dict, Iterable, Optional
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from fvcore.common.checkpoint import _IncompatibleKeys
+
+from .utils.weights import load_state_dict_checked, load_weights_file
+
+logger = logging.getLogger(__name__)
+
+# Buffers that the modules compute from their configuration. A checkpoint may or may not
+# contain them (the release's loader drops them on load), so their absence is not a mismatch.
+REGENERATED_BUFFER_SUFFIXES = (
+    "relative_position_index",
+    "relative_coords_table",
+    "swin_block.block_2.attn_mask",
+)
+
+
+def _atomic_write(path: str, write) -> None:
+    """Write a file through a temporary file in the same folder and an atomic rename, so a
+    reader (or a crash) never sees a partly written file."""
+    folder = os.path.dirname(path) or "."
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+class SkySenseOCheckpointer(DetectionCheckpointer):
+    """A ``DetectionCheckpointer`` with three changes.
+
+    * Files are read with ``weights_only=True`` (or with safetensors), so a checkpoint cannot
+      run code; Detectron2's pickled ``.pkl`` model-zoo format is rejected for that reason.
+    * The model's keys must match the file's exactly (names and shapes) unless ``strict`` is
+      False, in which case mismatches are logged at WARNING and skipped. Deterministic
+      buffers that the modules recompute may be absent.
+    * ``save`` and ``tag_last_checkpoint`` write atomically: a run killed while saving leaves
+      the previous checkpoint and ``last_checkpoint`` intact.
+    """
+
+    def __init__(self, model, save_dir: str = "", *, strict: bool = True,
+                 save_to_disk: Optional[bool] = None, **checkpointables):
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.strict = strict
+
+    # ---- loading -----------------------------------------------------------------------------
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        if filename.endswith(".pkl"):
+            raise ValueError(
+                f"{filename} is a pickle file; unpickling can run arbitrary code, so it is not "
+                "loaded. Convert it to a .pth file holding only tensors."
+            )
+        loaded = load_weights_file(filename)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{filename} holds a {type(loaded).__name__}, not a dict of weights")
+        if "model" not in loaded:
+            loaded = {"model": loaded}
+        return loaded
+
+    def _load_model(self, checkpoint: Dict[str, Any]) -> _IncompatibleKeys:
+        state_dict = checkpoint.pop("model")
+        state_dict = self.convert_state_dict(state_dict)
+        if all(key.startswith("module.") for key in state_dict):
+            state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
+        regenerated = [
+            key for key in self.model.state_dict() if key.endswith(REGENERATED_BUFFER_SUFFIXES)
+        ]
+        missing, unexpected = load_state_dict_checked(
+            self.model, state_dict, strict=self.strict, source="checkpoint",
+            ignore_missing=regenerated,
+        )
+        # The mismatches were already reported (or raised) above, so nothing is returned for
+        # fvcore to log a second time.
+        return None
+
+    def convert_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Return ``state_dict`` with known layout conversions applied (none by default)."""
+        return state_dict
+
+    # ---- saving ------------------------------------------------------------------------------
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        path = os.path.join(self.save_dir, f"{name}.pth")
+        self.logger.info("Saving checkpoint to %s", path)
+        _atomic_write(path, lambda stream: torch.save(data, stream))
+        self.tag_last_checkpoint(os.path.basename(path))
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        _atomic_write(path, lambda stream: stream.write(last_filename_basename.encode()))
+
+
+def list_regenerated_keys(keys: Iterable[str]) -> list:
+    """Return the keys of ``keys`` that name recomputed deterministic buffers."""
+    return [key for key in keys if key.endswith(REGENERATED_BUFFER_SUFFIXES)]
