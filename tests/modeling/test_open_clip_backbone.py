@@ -355,10 +355,31 @@ def test_pretrained_and_checkpoint_together_rejected(tmp_path):
         )
 
 
-@pytest.mark.parametrize("arch", ["RN50", "convnext_base"])
+@pytest.mark.parametrize("arch", ["RN50", "convnext_base", "coca_ViT-B-32"])
 def test_non_vit_architecture_rejected(arch):
     with pytest.raises(ValueError, match=arch):
         build_open_clip_model(arch=arch, image_size=224)
+
+
+@pytest.mark.parametrize(
+    "vision_keys, fragment",
+    [
+        ({"layers": (1, 1, 1, 1), "width": 32}, "ModifiedResNet"),
+        ({"layers": 1, "width": 32, "attentional_pool": True, "attn_pooler_heads": 2},
+         "pools with attention"),
+    ],
+)
+def test_unsupported_tower_rejected_directly(vision_keys, fragment):
+    model = CLIP(
+        embed_dim=16,
+        vision_cfg=CLIPVisionCfg(image_size=64, patch_size=16, head_width=16, **vision_keys),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    )
+    with pytest.raises(ValueError, match=fragment):
+        OpenCLIPBackbone(
+            model=model, tokenizer=open_clip.get_tokenizer("SkySense-Tiny"),
+            guidance_layers=[0, 0], arch="my-model",
+        )
 
 
 def test_unknown_architecture_rejected():

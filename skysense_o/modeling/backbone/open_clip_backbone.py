@@ -56,6 +56,18 @@ def register_model_configs() -> None:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
+def canonical_arch_name(arch: str) -> str:
+    """Return the name open_clip registers ``arch`` under ("ViT-B/16" becomes "ViT-B-16")."""
+    return arch if arch.startswith(_SCHEMA_PREFIXES) else arch.replace("/", "-")
+
+
+def _attention_pool_error(arch: str) -> ValueError:
+    return ValueError(
+        f"open_clip architecture {arch!r} pools with attention, so its patch tokens have no "
+        "projection to the embedding space. Choose a ViT with class-token or average pooling."
+    )
+
+
 def _check_vision_config(arch: str, model_cfg: Mapping) -> None:
     """Raise ValueError unless the architecture's config describes a ViT image tower."""
     vision_cfg = model_cfg.get("vision_cfg", {})
@@ -64,6 +76,8 @@ def _check_vision_config(arch: str, model_cfg: Mapping) -> None:
             f"open_clip architecture {arch!r} has a timm or ResNet image tower, but "
             "OpenCLIPBackbone needs a ViT tower (for example ViT-B-16 or SkySense-Tiny)"
         )
+    if vision_cfg.get("attentional_pool"):
+        raise _attention_pool_error(arch)
 
 
 def _check_vision_tower(arch: str, visual: nn.Module) -> None:
@@ -74,10 +88,7 @@ def _check_vision_tower(arch: str, visual: nn.Module) -> None:
             "OpenCLIPBackbone needs open_clip's VisionTransformer"
         )
     if visual.attn_pool is not None:
-        raise ValueError(
-            f"open_clip architecture {arch!r} pools with attention, so its patch tokens have no "
-            "projection to the embedding space. Choose a ViT with class-token or average pooling."
-        )
+        raise _attention_pool_error(arch)
     if visual.pool_type not in ("tok", "avg") or visual.proj is None:
         raise ValueError(
             f"open_clip architecture {arch!r} has no pooled projection (pool_type="
@@ -181,6 +192,7 @@ def build_open_clip_model(
             "set. Set only one of MODEL.SKYSENSE_O.BACKBONE.PRETRAINED and CHECKPOINT."
         )
     register_model_configs()
+    arch = canonical_arch_name(arch)
     has_schema = arch.startswith(_SCHEMA_PREFIXES)
     if has_schema and pretrained:
         raise ValueError(
@@ -188,7 +200,6 @@ def build_open_clip_model(
             "ignored. Leave MODEL.SKYSENSE_O.BACKBONE.PRETRAINED empty."
         )
     if not has_schema:
-        arch = arch.replace("/", "-")
         model_cfg = open_clip.get_model_config(arch)
         if model_cfg is None:
             raise ValueError(
@@ -303,20 +314,21 @@ class OpenCLIPBackbone(VisionLanguageBackbone):
     @classmethod
     def from_config(cls, cfg) -> dict:
         node = cfg.MODEL.SKYSENSE_O.BACKBONE
+        arch = canonical_arch_name(node.ARCH)
         model = build_open_clip_model(
-            arch=node.ARCH,
+            arch=arch,
             pretrained=node.PRETRAINED,
             checkpoint=node.CHECKPOINT,
             image_size=node.IMAGE_SIZE,
         )
         return {
             "model": model,
-            "tokenizer": open_clip.get_tokenizer(node.ARCH),
+            "tokenizer": open_clip.get_tokenizer(arch),
             "guidance_layers": list(node.GUIDANCE_LAYERS),
             "visual_finetune": node.VISUAL_FINETUNE,
             "text_finetune": node.TEXT_FINETUNE,
             "grad_checkpointing": node.GRAD_CHECKPOINTING,
-            "arch": node.ARCH,
+            "arch": arch,
         }
 
     @property
