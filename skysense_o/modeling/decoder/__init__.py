@@ -2,3 +2,4 @@
 
 from .base import DECODER_REGISTRY, SegmentationDecoder, build_decoder
 from .cost_aggregation import CostAggregationDecoder
+from .sam_decoder import SAMMaskDecoder
