@@ -40,6 +40,30 @@ HYPERNET_INIT_STD = 1e-4
 SAM_ATTENTION_DOWNSAMPLE_RATE = 2
 
 
+def _check_transformer_sizes(
+    embed_dim: int, hidden_dim: int, depth: int, num_heads: int, mlp_dim: int, class_chunk: int
+) -> None:
+    """Raise ValueError, naming the config key, on sizes that SAMMaskDecoder cannot use."""
+    _check_positive(
+        {
+            "embed_dim (backbone.embed_dim)": embed_dim,
+            "hidden_dim (MODEL.SKYSENSE_O.DECODER.HIDDEN_DIM)": hidden_dim,
+            "depth (MODEL.SKYSENSE_O.DECODER.SAM_DEPTH)": depth,
+            "num_heads (MODEL.SKYSENSE_O.DECODER.SAM_NUM_HEADS)": num_heads,
+            "mlp_dim (MODEL.SKYSENSE_O.DECODER.SAM_MLP_DIM)": mlp_dim,
+            "class_chunk (MODEL.SKYSENSE_O.DECODER.SAM_CLASS_CHUNK)": class_chunk,
+        }
+    )
+    if hidden_dim % (SAM_ATTENTION_DOWNSAMPLE_RATE * num_heads) != 0:
+        raise ValueError(
+            f"hidden_dim (MODEL.SKYSENSE_O.DECODER.HIDDEN_DIM) = {hidden_dim} must be a "
+            f"multiple of {SAM_ATTENTION_DOWNSAMPLE_RATE} x num_heads "
+            f"(MODEL.SKYSENSE_O.DECODER.SAM_NUM_HEADS = {num_heads}), because SAM's "
+            f"cross-attention splits hidden_dim / {SAM_ATTENTION_DOWNSAMPLE_RATE} channels "
+            "into the heads"
+        )
+
+
 @DECODER_REGISTRY.register()
 class SAMMaskDecoder(SegmentationDecoder):
     """Mask decoder with one prompt token per class and a cost-volume prior.
@@ -103,30 +127,13 @@ class SAMMaskDecoder(SegmentationDecoder):
             class_chunk: number of class tokens the transformer attends over at once.
         """
         super().__init__()
-        _check_positive(
-            {
-                "embed_dim (backbone.embed_dim)": embed_dim,
-                "hidden_dim (MODEL.SKYSENSE_O.DECODER.HIDDEN_DIM)": hidden_dim,
-                "depth (MODEL.SKYSENSE_O.DECODER.SAM_DEPTH)": depth,
-                "num_heads (MODEL.SKYSENSE_O.DECODER.SAM_NUM_HEADS)": num_heads,
-                "mlp_dim (MODEL.SKYSENSE_O.DECODER.SAM_MLP_DIM)": mlp_dim,
-                "class_chunk (MODEL.SKYSENSE_O.DECODER.SAM_CLASS_CHUNK)": class_chunk,
-            }
-        )
+        _check_transformer_sizes(embed_dim, hidden_dim, depth, num_heads, mlp_dim, class_chunk)
         coarse_channels, fine_channels = _check_int_pair(
             "guidance_channels (MODEL.SKYSENSE_O.DECODER.GUIDANCE_CHANNELS)", guidance_channels
         )
         coarse_dim, fine_dim = _check_int_pair(
             "upsample_dims (MODEL.SKYSENSE_O.DECODER.UPSAMPLE_DIMS)", upsample_dims
         )
-        if hidden_dim % (SAM_ATTENTION_DOWNSAMPLE_RATE * num_heads) != 0:
-            raise ValueError(
-                f"hidden_dim (MODEL.SKYSENSE_O.DECODER.HIDDEN_DIM) = {hidden_dim} must be a "
-                f"multiple of {SAM_ATTENTION_DOWNSAMPLE_RATE} x num_heads "
-                f"(MODEL.SKYSENSE_O.DECODER.SAM_NUM_HEADS = {num_heads}), because SAM's "
-                f"cross-attention splits hidden_dim / {SAM_ATTENTION_DOWNSAMPLE_RATE} channels "
-                "into the heads"
-            )
         self.embed_dim = embed_dim
         self.guidance_channels = (coarse_channels, fine_channels)
         self.class_chunk = class_chunk
