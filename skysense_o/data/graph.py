@@ -224,7 +224,8 @@ def _parse_relationship(record: str) -> Optional[Tuple[str, str, Optional[str]]]
         return None
     if len(fields) < 4:
         return ("", "", None)
-    return fields[1], fields[2], fields[3]
+    # The score is a bare number, so stray parentheses around it are noise as well.
+    return fields[1], fields[2], fields[3].strip(_RECORD_NOISE)
 
 
 def parse_graph_lines(

@@ -232,7 +232,7 @@ class SkySASemanticDatasetMapper:
         ]
         pad_size = (0, 0)
         if cfg.INPUT.CROP.ENABLED:
-            # The crop is applied to the label before remapping, where ignored pixels are AUG_IGNORE.
+            # The crop runs before remapping, while ignored label pixels are still AUG_IGNORE.
             augmentations.append(
                 T.RandomCrop_CategoryAreaConstraint(
                     cfg.INPUT.CROP.TYPE,
@@ -303,7 +303,9 @@ class SkySASemanticDatasetMapper:
     def map(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         """Map one dataset dict (see the class docstring); errors are raised, not skipped."""
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = read_image(dataset_dict["file_name"], bands=self.bands, max_pixels=self.max_pixels)
+        image = read_image(
+            dataset_dict["file_name"], bands=self.bands, max_pixels=self.max_pixels
+        )
         height, width = image.shape[:2]
         label = self._read_label(dataset_dict, (height, width))
 
