@@ -401,6 +401,11 @@ def test_invalid_guidance_layers_rejected(layers, fragment):
         build_vl_backbone(make_cfg(IMAGE_SIZE=64, GUIDANCE_LAYERS=layers))
 
 
+def test_image_size_must_be_patch_multiple():
+    with pytest.raises(ValueError, match="IMAGE_SIZE"):
+        build_vl_backbone(make_cfg(IMAGE_SIZE=72))
+
+
 def test_guidance_follows_configured_order():
     torch.manual_seed(6)
     backbone = build_eval(make_cfg(IMAGE_SIZE=64, GUIDANCE_LAYERS=[7, 1]))

@@ -94,6 +94,11 @@ def _check_vision_tower(arch: str, visual: nn.Module) -> None:
             f"open_clip architecture {arch!r} has no pooled projection (pool_type="
             f"{visual.pool_type!r}), but OpenCLIPBackbone needs pool_type 'tok' or 'avg'"
         )
+    if any(size % patch for size, patch in zip(visual.image_size, visual.patch_size)):
+        raise ValueError(
+            f"image size {visual.image_size} of {arch!r} is not a multiple of its patch size "
+            f"{visual.patch_size}. Set MODEL.SKYSENSE_O.BACKBONE.IMAGE_SIZE to a multiple."
+        )
     if not getattr(visual.transformer, "batch_first", True):
         raise ValueError(
             f"the image tower of {arch!r} runs sequence-first, but OpenCLIPBackbone needs "
