@@ -6,8 +6,8 @@ once) followed by negatives drawn without replacement until ``text_batch`` names
 1. With a graph, the candidate negatives are the names that are negatives (score in
    [neg_low, neg_high]) of **every** class of the image that appears in the graph.
 2. The image's own classes are removed from the candidates, and so are the graph positives of
-   each of them (score in [pos_low, pos_high], in either direction), because a name that
-   is visually the same thing as a class in the image must never be taught as its negative.
+   each of them (score in [pos_low, pos_high], in either direction). A name that is visually
+   the same thing as a class in the image must never be taught as its negative.
 3. If no candidate is left (or no class of the image is in the graph), the candidates are all
    graph nodes, or without a graph the dataset vocabulary, minus the same excluded names.
 4. The candidates are sorted before drawing, so the result depends only on the generator's
@@ -86,12 +86,12 @@ def _graph_candidates(
 
 def _filter_sorted(names: Iterable[str], excluded: Set[str]) -> List[str]:
     """Drop excluded names and repeats, then sort, so sampling never depends on set order."""
-    kept = {}
+    first_spelling = {}
     for name in names:
         key = canonical_name(name)
         if key not in excluded:
-            kept.setdefault(key, name)
-    return [kept[key] for key in sorted(kept)]
+            first_spelling.setdefault(key, name)
+    return [first_spelling[key] for key in sorted(first_spelling)]
 
 
 def sample_texts(

@@ -15,8 +15,8 @@ Conversion rules of :func:`read_image`, applied in this order:
 4. An image with two or more bands is reduced to the three bands named by ``bands``
    (0-based), so a 4-band R, G, B, NIR GeoTIFF gives R, G, B with the default (0, 1, 2).
 5. Data that is not 8-bit (16-bit, 32-bit, float) is stretched to 0..255 with one shared range
-   for the selected bands: ``lo`` and ``hi`` are the 2nd and 98th percentiles (NumPy's linear
-   method) of every valid value of those bands, and a value ``x`` becomes
+   for the selected bands. ``lo`` and ``hi`` are the 2nd and 98th percentiles (NumPy's linear
+   method) of every valid value of those bands. A value ``x`` becomes
    ``rint(clip((x - lo) / (hi - lo), 0, 1) * 255)``. Valid means finite and not the file's
    nodata value. When ``hi == lo`` the minimum and maximum replace them, and a constant image
    becomes 0. Invalid pixels become 0. The arithmetic is float32 (exact for 16-bit data), and

@@ -19,7 +19,7 @@ from skysense_o.data.dataset_mappers.skysa_semantic_mapper import (
 )
 from skysense_o.data.dataset_mappers.test_mapper import SkySenseTestDatasetMapper
 from skysense_o.data.datasets.register_folder import register_folder_dataset
-from skysense_o.data.datasets.register_skysa import register_skysa_folder
+from skysense_o.data.datasets.register_skysa import register_skysa_folder, unregister_dataset
 from skysense_o.utils.image_io import read_image, read_label
 
 DUBAI_CLASSES = ["building", "land (unpaved area)", "road", "vegetation", "water"]
@@ -30,9 +30,7 @@ STEM = "dubai_t1_009"
 def dataset_name():
     name = f"test_mapper_{uuid.uuid4().hex[:8]}"
     yield name
-    for catalog in (DatasetCatalog, MetadataCatalog):
-        if name in catalog.list():
-            catalog.remove(name)
+    unregister_dataset(name)
 
 
 @pytest.fixture

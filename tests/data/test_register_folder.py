@@ -16,15 +16,14 @@ from skysense_o.data.datasets.register_folder import (
     read_classes_json,
     register_folder_dataset,
 )
+from skysense_o.data.datasets.register_skysa import unregister_dataset
 
 
 @pytest.fixture
 def dataset_name():
     name = f"test_folder_{uuid.uuid4().hex[:8]}"
     yield name
-    for catalog in (DatasetCatalog, MetadataCatalog):
-        if name in catalog.list():
-            catalog.remove(name)
+    unregister_dataset(name)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from skysense_o.data.datasets.register_skysa import (
     load_skysa_jsonl,
     register_dataset,
     register_skysa_folder,
+    unregister_dataset,
 )
 
 
@@ -22,9 +23,7 @@ def dataset_name():
     """A fresh dataset name, removed from both catalogs after the test."""
     name = f"test_skysa_{uuid.uuid4().hex[:8]}"
     yield name
-    for catalog in (DatasetCatalog, MetadataCatalog):
-        if name in catalog.list():
-            catalog.remove(name)
+    unregister_dataset(name)
 
 
 def write_record_files(folder, stem, classes):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from PIL import Image
 
-from skysense_o.data.datasets.register_skysa import register_skysa_folder
+from skysense_o.data.datasets.register_skysa import register_skysa_folder, unregister_dataset
 from skysense_o.utils.image_io import read_label
 
 TOOLS_DIR = Path(__file__).resolve().parents[2] / "tools"
@@ -29,9 +29,7 @@ def tool():
 def dataset_name():
     name = f"test_convert_{uuid.uuid4().hex[:8]}"
     yield name
-    for catalog in (DatasetCatalog, MetadataCatalog):
-        if name in catalog.list():
-            catalog.remove(name)
+    unregister_dataset(name)
 
 
 def names_per_pixel(label: np.ndarray, class_names, ignore: int) -> np.ndarray:

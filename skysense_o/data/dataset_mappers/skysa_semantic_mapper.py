@@ -148,11 +148,14 @@ def label_lookup(class_names: Sequence[str], ignore_value: int) -> np.ndarray:
 class SkySASemanticDatasetMapper:
     """Map a training dict to an augmented image, a label over sampled texts and the texts.
 
-    Steps: read the image (``read_image``, honouring INPUT.BANDS and INPUT.MAX_IMAGE_PIXELS)
-    and the label (an index PNG, or a folder of binary masks), check that their sizes match,
-    apply the augmentations (resize, category-area-constrained crop, SSD colour jitter,
-    flip), pad to the crop size and the size divisibility (image 128, label ignore), sample
-    the text list (``skysense_o.data.sampling``) and remap the label to it.
+    Steps:
+
+    1. Read the image (``read_image``, honouring INPUT.BANDS and INPUT.MAX_IMAGE_PIXELS) and
+       the label (an index PNG, or a folder of binary masks), and check that their sizes match.
+    2. Apply the augmentations (resize, category-area-constrained crop, SSD colour jitter,
+       flip) to both.
+    3. Pad both to the crop size and the size divisibility (image 128, label ignore).
+    4. Sample the text list (``skysense_o.data.sampling``) and remap the label to it.
 
     A sample that fails to load is skipped (the loader draws another) and logged, until more
     than ``max_bad_sample_fraction`` of the samples seen by this process have failed (checked
@@ -204,6 +207,7 @@ class SkySASemanticDatasetMapper:
             raise ValueError(f"image_pad_value must be in 0..255, got {image_pad_value}")
         if text_batch < 1:
             raise ValueError(f"text_batch must be a positive integer, got {text_batch}")
+
         self.augmentations = T.AugmentationList(list(augmentations))
         self.ignore_value = int(ignore_value)
         self.pad_size = (int(pad_size[0]), int(pad_size[1]))
@@ -218,6 +222,7 @@ class SkySASemanticDatasetMapper:
         self.max_bad_sample_fraction = float(max_bad_sample_fraction)
         self._num_seen = 0
         self._num_bad = 0
+
         logger.info(f"[{type(self).__name__}] Augmentations used in training: {augmentations}")
 
     @classmethod

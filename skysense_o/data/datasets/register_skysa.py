@@ -124,6 +124,13 @@ def register_dataset(
     MetadataCatalog[name] = LazyMetadata(name=name, lazy=lazy, **values)
 
 
+def unregister_dataset(name: str) -> None:
+    """Remove ``name`` from DatasetCatalog and MetadataCatalog, so it can be registered again."""
+    for catalog in (DatasetCatalog, MetadataCatalog):
+        if name in catalog.list():
+            catalog.remove(name)
+
+
 def _is_url(path: str) -> bool:
     return path.startswith(("http://", "https://", "ftp://"))
 
