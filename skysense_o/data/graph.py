@@ -36,6 +36,8 @@ import re
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple, Union
 
+from detectron2.data import MetadataCatalog
+
 logger = logging.getLogger(__name__)
 
 MIN_SCORE = 1
@@ -360,3 +362,16 @@ def load_graph(path: Union[str, Path]) -> VisualRelevanceGraph:
         )
     stat = resolved.stat()
     return _load_graph_cached(str(resolved), stat.st_mtime_ns, stat.st_size)
+
+
+def resolve_graph_file(dataset_name: str, configured: str = "") -> str:
+    """Return the graph file that serves a training dataset, or "" when it has none.
+
+    ``configured`` (config DATASETS.SKYSA.GRAPH_FILE) wins when set. Otherwise the dataset's
+    ``graph_file`` metadata is used, which for Sky-SA datasets is the folder's
+    ``skysa_graph.jsonl`` when that file exists. The training mapper and the losses both
+    resolve the graph this way, so they agree on it.
+    """
+    if configured:
+        return configured
+    return MetadataCatalog.get(dataset_name).get("graph_file", "") or ""

@@ -5,12 +5,14 @@ import logging
 import os
 
 import pytest
+from detectron2.data import MetadataCatalog
 
 from skysense_o.data.graph import (
     VisualRelevanceGraph,
     canonical_name,
     load_graph,
     parse_graph_lines,
+    resolve_graph_file,
     validate_sampling_hyper,
 )
 
@@ -200,3 +202,15 @@ def test_graph_from_edges():
     assert len(graph) == 2
     assert graph.num_edges == 1
     assert canonical_name("  Solar   Panel ") == "solar panel"
+
+
+def test_resolve_graph_file():
+    name = "test_graph_resolution_metadata"
+    MetadataCatalog.get(name).graph_file = "/data/graph.jsonl"
+    try:
+        assert resolve_graph_file(name) == "/data/graph.jsonl"
+        assert resolve_graph_file(name, "/other.jsonl") == "/other.jsonl"
+        assert resolve_graph_file("test_graph_resolution_none") == ""
+    finally:
+        MetadataCatalog.remove(name)
+        MetadataCatalog.remove("test_graph_resolution_none")

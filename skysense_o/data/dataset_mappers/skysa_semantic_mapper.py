@@ -21,7 +21,13 @@ from ..datasets.register_skysa import (
     LABEL_FORMAT_INDEX,
     LABEL_IMAGE_SUFFIXES,
 )
-from ..graph import VisualRelevanceGraph, canonical_name, load_graph, validate_sampling_hyper
+from ..graph import (
+    VisualRelevanceGraph,
+    canonical_name,
+    load_graph,
+    resolve_graph_file,
+    validate_sampling_hyper,
+)
 from ..sampling import sample_texts, unique_names
 from . import MAPPER_REGISTRY
 
@@ -378,13 +384,13 @@ def _negative_sources(
     graph_files: Dict[str, str] = {}
     vocabularies: Dict[str, List[str]] = {}
     for name in dataset_names:
-        metadata = MetadataCatalog.get(name)
-        graph_file = configured_graph or metadata.get("graph_file", "")
+        graph_file = resolve_graph_file(name, configured_graph)
         if graph_file:
             graph = load_graph(graph_file)
             graph_files[name] = graph_file
             logger.info("Negatives of %s are sampled from the graph %s.", name, graph)
             continue
+        metadata = MetadataCatalog.get(name)
         vocabulary = metadata.get("vocabulary", None) or metadata.get("stuff_classes", None) or []
         vocabularies[name] = list(vocabulary)
         logger.info(
