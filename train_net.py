@@ -119,7 +119,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
-        mapper = MAPPER_REGISTRY.get(TEST_MAPPER_NAME)(cfg, False)
+        mapper = MAPPER_REGISTRY.get(TEST_MAPPER_NAME)(cfg, False, dataset_name=dataset_name)
         return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod

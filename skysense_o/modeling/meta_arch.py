@@ -97,6 +97,7 @@ class SkySenseO(nn.Module):
         region_pooling: str = "embedding",
         pixel_shuffle_upscale: int = 16,
         graph_file: str = "",
+        train_datasets: Sequence[str] = (),
     ):
         """
         Args:
@@ -111,7 +112,9 @@ class SkySenseO(nn.Module):
             image_size: side of the square the backbone sees.
             inference_mode: "whole" or "sliding"; the remaining arguments configure them.
             graph_file: the visual-relevance graph used to weight the regulariser for images
-                whose names were sampled from it.
+                whose names were sampled from it; when empty, the graph of the first training
+                dataset (its metadata), as the training mapper resolves it.
+            train_datasets: the training datasets, to find their graph.
         """
         super().__init__()
         if inference_mode not in INFERENCE_MODES:
@@ -148,6 +151,7 @@ class SkySenseO(nn.Module):
         self.region_pooling = region_pooling
         self.pixel_shuffle_upscale = pixel_shuffle_upscale
         self.graph_file = graph_file
+        self.train_datasets = tuple(train_datasets)
         if region_pooling == "pixel_shuffle":
             embed_dim = self.backbone.embed_dim
             upscale = pixel_shuffle_upscale
@@ -211,6 +215,7 @@ class SkySenseO(nn.Module):
             "region_pooling": loss.REGION_POOLING,
             "pixel_shuffle_upscale": loss.PIXEL_SHUFFLE_UPSCALE,
             "graph_file": cfg.DATASETS.SKYSA.GRAPH_FILE,
+            "train_datasets": cfg.DATASETS.TRAIN,
         }
 
     @property
@@ -355,11 +360,14 @@ class SkySenseO(nn.Module):
         return regions, similarity, weights
 
     def _graph(self):
-        if not self.graph_file:
-            return None
-        from ..data.graph import load_graph
+        # Imported here because the data package depends on Detectron2's data catalog, which
+        # the model needs only when the regulariser is weighted by a graph.
+        from ..data.graph import load_graph, resolve_graph_file
 
-        return load_graph(self.graph_file)
+        graph_file = self.graph_file
+        if not graph_file and self.train_datasets:
+            graph_file = resolve_graph_file(self.train_datasets[0], self.graph_file)
+        return load_graph(graph_file) if graph_file else None
 
     # ---- inference ---------------------------------------------------------------------------
 
