@@ -31,6 +31,7 @@ from skysense_o.data.dataset_mappers import MAPPER_REGISTRY
 from skysense_o.evaluation import build_evaluator
 from skysense_o.evaluation.baseline import evaluate_majority_baseline
 from skysense_o.evaluation.visualization_writer import VisualizationWriter
+from skysense_o.release import build_model_for_inference
 
 logger = logging.getLogger("skysense_o")
 
@@ -190,6 +191,9 @@ def setup(args) -> CfgNode:
 def main(args):
     cfg = setup(args)
     if args.eval_only:
+        if cfg.MODEL.SKYSENSE_O.LOW_MEMORY_LOAD and not args.resume:
+            model = build_model_for_inference(cfg, cfg.MODEL.WEIGHTS)
+            return Trainer.test(cfg, model)
         model = Trainer.build_model(cfg)
         SkySenseOCheckpointer(
             model, save_dir=cfg.OUTPUT_DIR, strict=cfg.MODEL.SKYSENSE_O.WEIGHTS_STRICT

@@ -88,8 +88,12 @@ class SkySenseOCheckpointer(DetectionCheckpointer):
         return None
 
     def convert_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Return ``state_dict`` with known layout conversions applied (none by default)."""
-        return state_dict
+        """Return ``state_dict`` without the release's entries that inference does not use
+        and without stored copies of computed buffers (``skysense_o.release``)."""
+        # Imported here because skysense_o.release imports this module.
+        from .release import convert_release_state_dict
+
+        return convert_release_state_dict(state_dict, self.model)
 
     # ---- saving ------------------------------------------------------------------------------
 
