@@ -7,17 +7,20 @@ the modules that inference skips.
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from typing import Dict
 
+import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
+from PIL import Image
 
 from skysense_o import add_skysense_o_config
 from skysense_o.checkpoint import SkySenseOCheckpointer
@@ -147,6 +150,18 @@ def test_release_config_state_dict_matches_reference(refspec_dir):
     assert {unused_key_group(key).name for key in skipped} == {"pixel_shuffle", "tokennizer_model"}
     assert len([key for key in skipped if key.startswith("pixel_shuffle_conv")]) == 4
     assert sum(p.numel() for p in model.parameters()) == INFERENCE_PARAMETERS
+
+
+def test_legacy_tokenizer_keys_are_skipped(refspec_dir):
+    data = json.loads((refspec_dir / "skysense_o_state_dict.json").read_text())
+    legacy = {entry["key"]: torch.zeros(1) for entry in data["tokennizer_model_legacy_keys"]}
+    model = _build_meta_model(release_cfg(tiny=False))
+
+    converted = convert_release_state_dict(legacy, model)
+
+    assert len(legacy) == 104
+    assert "tokennizer_model.0.auto_model.embeddings.position_ids" in legacy
+    assert converted == {}
 
 
 def test_pixel_shuffle_config_keeps_region_keys(refspec_dir):
@@ -589,3 +604,37 @@ def test_low_memory_peak_rss(tmp_path):
     assert numbers["parameter_bytes"] > 200 * 2**20
     assert ratio < 2.5
     assert numbers["checksum"] == pytest.approx(expected_checksum, rel=1e-6, abs=1e-3)
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+def test_train_net_eval_only_reads_release_file(release_file, tmp_path):
+    data_root = tmp_path / "data"
+    image_dir = data_root / "potsdam" / "img_dir" / "test"
+    label_dir = data_root / "potsdam" / "ann_dir" / "test"
+    image_dir.mkdir(parents=True)
+    label_dir.mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    Image.fromarray(generator.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(
+        image_dir / "tile.png")
+    Image.fromarray(generator.integers(0, 6, (96, 128), dtype=np.uint8)).save(
+        label_dir / "tile.png")
+    config = tmp_path / "tiny_release.yaml"
+    config.write_text(release_cfg().dump())
+    output_dir = tmp_path / "output"
+
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train_net.py"), "--eval-only", "--config-file",
+         str(config), "MODEL.WEIGHTS", str(release_file),
+         "DATASETS.TEST", '("potsdam_test_release",)', "OUTPUT_DIR", str(output_dir),
+         "INPUT.MIN_SIZE_TEST", "96", "DATALOADER.NUM_WORKERS", "0"],
+        capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
+        env={**os.environ, "DETECTRON2_DATASETS": str(data_root)},
+    )
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = (output_dir / "log.txt").read_text()
+    assert "Skipped 10 checkpoint keys that inference does not use" in log
+    assert "(memory-mapped)" in log
+    summary = json.loads((output_dir / "results_summary.json").read_text())
+    assert 0 <= summary["potsdam_test_release"]["mIoU"] <= 100
