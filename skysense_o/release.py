@@ -296,8 +296,9 @@ def build_model_for_inference(
             file, so the model keeps its initialisation (or its backbone checkpoint).
         device: where the model runs; default ``cfg.MODEL.DEVICE``.
         low_memory: build on the meta device and memory-map the file (peak RAM about one copy
-            of the weights). The load is then always strict. Otherwise the model is built
-            with random weights and loaded through ``SkySenseOCheckpointer`` with
+            of the weights). The load is then always strict. Otherwise, and for backbones
+            that cannot be built on the meta device (open_clip's), the model is built with
+            random weights and loaded through ``SkySenseOCheckpointer`` with
             MODEL.SKYSENSE_O.WEIGHTS_STRICT (about two copies).
 
     Returns:
@@ -305,15 +306,24 @@ def build_model_for_inference(
     """
     device = torch.device(device if device is not None else cfg.MODEL.DEVICE)
     strict = cfg.MODEL.SKYSENSE_O.WEIGHTS_STRICT
+    meta_model = None
+    if weights and low_memory:
+        try:
+            meta_model = _build_meta_model(cfg)
+        except NotImplementedError as error:
+            # open_clip's create_model moves its model to a device, which a model on the meta
+            # device cannot do, so open_clip backbones load by copy.
+            logger.warning("The model cannot be built on the meta device (%s), so the weights "
+                           "are copied instead of memory-mapped", error)
+
     if not weights:
         logger.warning("No MODEL.WEIGHTS given: the model keeps its initial weights")
         model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
-    elif low_memory:
-        model = _build_meta_model(cfg)
+    elif meta_model is not None:
+        model = meta_model
         load_weights_assigned(model, weights, strict=strict)
+        logger.info("Loaded %s memory-mapped", weights)
     else:
         model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
         SkySenseOCheckpointer(model, strict=strict).load(str(weights))
-    logger.info("Loaded %s (%s)", weights or "no weights",
-                "memory-mapped" if weights and low_memory else "copied")
     return model.to(device).eval()

@@ -501,6 +501,22 @@ def test_low_memory_load_ignores_backbone_checkpoint(source_model, release_file)
     assert_same_state(model, source_model)
 
 
+def test_open_clip_backbone_falls_back_to_copy(tmp_path, caplog):
+    cfg = get_cfg()
+    add_skysense_o_config(cfg)
+    cfg.merge_from_file(str(REPO_ROOT / "configs" / "quickstart.yaml"))
+    torch.manual_seed(13)
+    source = META_ARCH_REGISTRY.get("SkySenseO")(cfg)
+    path = tmp_path / "quickstart.pth"
+    torch.save({"model": source.state_dict()}, path)
+
+    with caplog.at_level(logging.WARNING, logger="skysense_o.release"):
+        model = build_model_for_inference(cfg, path, "cpu", low_memory=True)
+
+    assert_same_state(model, source)
+    assert any("cannot be built on the meta device" in r.getMessage() for r in caplog.records)
+
+
 def test_release_vectors_through_release_file(refspec_dir, tmp_path):
     vectors = torch.load(refspec_dir / "vectors" / "skysense_o_inference_tiny.pt",
                          weights_only=True)
@@ -635,6 +651,6 @@ def test_train_net_eval_only_reads_release_file(release_file, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     log = (output_dir / "log.txt").read_text()
     assert "Skipped 10 checkpoint keys that inference does not use" in log
-    assert "(memory-mapped)" in log
+    assert "memory-mapped" in log
     summary = json.loads((output_dir / "results_summary.json").read_text())
     assert 0 <= summary["potsdam_test_release"]["mIoU"] <= 100
