@@ -21,9 +21,10 @@ def add_skysense_o_config(cfg: CN) -> None:
     # Require MODEL.WEIGHTS to match the model exactly (names and shapes). False loads what
     # matches and logs the rest at WARNING; use it only for a deliberate partial load.
     node.WEIGHTS_STRICT = True
-    # Inference only (train_net.py --eval-only, the demo, tools/classify.py): build the model
-    # on the meta device and memory-map MODEL.WEIGHTS, so that peak RAM stays near one copy of
-    # the parameters instead of two. Needs a strict load (every parameter in the file).
+    # Inference only (train_net.py --eval-only and tools/classify.py): build the model on the
+    # meta device and memory-map MODEL.WEIGHTS, so that peak RAM stays near one copy of the
+    # parameters instead of two. Needs a strict load (every parameter in the file). Backbones
+    # that cannot be built on the meta device (open_clip's) are loaded by copy instead.
     node.LOW_MEMORY_LOAD = False
 
     # ---- Vision-language backbone --------------------------------------------------------
