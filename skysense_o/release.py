@@ -262,7 +262,7 @@ def load_weights_assigned(model: nn.Module, path: PathLike, *, strict: bool = Tr
         )
 
 
-def _build_meta_model(cfg: CfgNode) -> nn.Module:
+def build_meta_model(cfg: CfgNode) -> nn.Module:
     """Build the configured meta-architecture with parameters on the meta device.
 
     Buffers stay real, because several are computed at construction and not stored in
@@ -309,7 +309,7 @@ def build_model_for_inference(
     meta_model = None
     if weights and low_memory:
         try:
-            meta_model = _build_meta_model(cfg)
+            meta_model = build_meta_model(cfg)
         except NotImplementedError as error:
             # open_clip's create_model moves its model to a device, which a model on the meta
             # device cannot do, so open_clip backbones load by copy.

@@ -26,7 +26,7 @@ from skysense_o import add_skysense_o_config
 from skysense_o.checkpoint import SkySenseOCheckpointer
 from skysense_o.release import (
     RELEASE_UNUSED_KEY_GROUPS,
-    _build_meta_model,
+    build_meta_model,
     build_model_for_inference,
     convert_release_state_dict,
     unused_key_group,
@@ -141,7 +141,7 @@ def reference_layout(refspec_dir) -> Dict[str, tuple]:
 
 def test_release_config_state_dict_matches_reference(refspec_dir):
     reference = reference_layout(refspec_dir)
-    model = _build_meta_model(release_cfg(tiny=False))
+    model = build_meta_model(release_cfg(tiny=False))
     layout = {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
     skipped = sorted(set(reference) - set(layout))
@@ -155,7 +155,7 @@ def test_release_config_state_dict_matches_reference(refspec_dir):
 def test_legacy_tokenizer_keys_are_skipped(refspec_dir):
     data = json.loads((refspec_dir / "skysense_o_state_dict.json").read_text())
     legacy = {entry["key"]: torch.zeros(1) for entry in data["tokennizer_model_legacy_keys"]}
-    model = _build_meta_model(release_cfg(tiny=False))
+    model = build_meta_model(release_cfg(tiny=False))
 
     converted = convert_release_state_dict(legacy, model)
 
@@ -167,7 +167,7 @@ def test_legacy_tokenizer_keys_are_skipped(refspec_dir):
 def test_pixel_shuffle_config_keeps_region_keys(refspec_dir):
     reference = reference_layout(refspec_dir)
     cfg = release_cfg("MODEL.SKYSENSE_O.LOSS.REGION_POOLING", "pixel_shuffle", tiny=False)
-    model = _build_meta_model(cfg)
+    model = build_meta_model(cfg)
     layout = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     expected = {key: shape for key, shape in reference.items()
                 if not key.startswith("tokennizer_model.")}
@@ -178,7 +178,7 @@ def test_pixel_shuffle_config_keeps_region_keys(refspec_dir):
 
 
 def test_meta_build_keeps_computed_buffers_real():
-    model = _build_meta_model(release_cfg(tiny=False))
+    model = build_meta_model(release_cfg(tiny=False))
 
     buffers = dict(model.named_buffers())
     assert all(p.is_meta for p in model.parameters())
@@ -597,7 +597,7 @@ def measure_load(weights: Path, low_memory: bool) -> Dict[str, float]:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_low_memory_peak_rss(tmp_path):
     cfg = release_cfg(*_RSS_OVERRIDES, tiny=False)
-    meta_model = _build_meta_model(cfg)
+    meta_model = build_meta_model(cfg)
     generator = torch.Generator().manual_seed(0)
     state_dict = {
         key: (torch.randn(value.shape, generator=generator) * 0.02 if value.is_meta
