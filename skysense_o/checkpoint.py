@@ -2,7 +2,7 @@
 
 import logging
 import os
-import tempfile
+import secrets
 from typing import Any, Dict, Iterable, Optional
 
 import torch
@@ -26,7 +26,10 @@ def _atomic_write(path: str, write) -> None:
     """Write a file through a temporary file in the same folder and an atomic rename, so a
     reader (or a crash) never sees a partly written file."""
     folder = os.path.dirname(path) or "."
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    # A random suffix and O_EXCL give a fresh file. Mode 0o666 leaves the permissions to the
+    # umask, as for any other file the run writes (tempfile.mkstemp would force 0o600).
+    temporary = os.path.join(folder, f".tmp-{os.path.basename(path)}-{secrets.token_hex(4)}")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
@@ -100,6 +103,7 @@ class SkySenseOCheckpointer(DetectionCheckpointer):
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
+        check_finite_parameters(self.model, name)
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
@@ -112,6 +116,30 @@ class SkySenseOCheckpointer(DetectionCheckpointer):
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         path = os.path.join(self.save_dir, "last_checkpoint")
         _atomic_write(path, lambda stream: stream.write(last_filename_basename.encode()))
+
+
+def check_finite_parameters(model: torch.nn.Module, checkpoint_name: str) -> None:
+    """Raise FloatingPointError when a parameter of ``model`` contains NaN or infinite values.
+
+    A finite loss with non-finite gradients lets the optimizer write NaN into the weights one
+    iteration before Detectron2's loss check stops the run. Refusing the save keeps the last
+    good checkpoint and ``last_checkpoint`` untouched. Parameters on the meta device are
+    skipped because they hold no values.
+    """
+    non_finite = [
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.is_floating_point()
+        and not parameter.is_meta
+        and not bool(torch.isfinite(parameter).all())
+    ]
+    if non_finite:
+        shown = ", ".join(non_finite[:5]) + (", ..." if len(non_finite) > 5 else "")
+        raise FloatingPointError(
+            f"Checkpoint {checkpoint_name!r} was not saved: {len(non_finite)} parameter(s) "
+            f"contain NaN or infinite values ({shown}). The last saved checkpoint is kept. Resume "
+            "from it with a lower SOLVER.BASE_LR or with SOLVER.CLIP_GRADIENTS enabled."
+        )
 
 
 def list_regenerated_keys(keys: Iterable[str]) -> list:

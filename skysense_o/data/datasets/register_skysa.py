@@ -203,7 +203,8 @@ def load_skysa_jsonl(
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: a line is not valid JSON or lacks a key (the message names the line).
+        ValueError: a line is not valid JSON or lacks a key (the message names the line), or no
+            image is left.
     """
     jsonl_path = Path(jsonl_path)
     base_dir = Path(base_dir) if base_dir is not None else jsonl_path.parent
@@ -226,6 +227,13 @@ def load_skysa_jsonl(
                 dicts.append(parsed)
     if skipped:
         logger.warning("%s: skipped %d images with an empty ann_list.", jsonl_path, skipped)
+    if not dicts:
+        # Detectron2 would stop on an empty dataset only with an assert, which python -O
+        # removes, so the dataset is rejected here with its file named.
+        raise ValueError(
+            f"{jsonl_path} lists no usable image: {skipped} with an empty ann_list and no "
+            "other record. Add records whose ann_list names the classes of the label."
+        )
     logger.info("Loaded %d images of %s from %s.", len(dicts), dataset_name, jsonl_path)
     return dicts
 
