@@ -17,7 +17,13 @@ from typing import Any, Dict, List
 
 import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    DatasetFromList,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import DatasetEvaluators, inference_on_dataset, print_csv_format
 from detectron2.solver.build import maybe_add_gradient_clipping
@@ -28,6 +34,8 @@ from tabulate import tabulate
 from skysense_o import add_skysense_o_config
 from skysense_o.checkpoint import SkySenseOCheckpointer
 from skysense_o.data.dataset_mappers import MAPPER_REGISTRY
+from skysense_o.data.dataset_mappers.robust import SkipBadSamples
+from skysense_o.engine import merge_overrides
 from skysense_o.evaluation import build_evaluator
 from skysense_o.evaluation.baseline import evaluate_majority_baseline
 from skysense_o.evaluation.visualization_writer import VisualizationWriter
@@ -36,6 +44,8 @@ from skysense_o.release import build_model_for_inference
 logger = logging.getLogger("skysense_o")
 
 TEST_MAPPER_NAME = "skysense_test"
+# Key of the optimizer's state (and the AMP grad scaler's) in the trainer's checkpoint entry.
+INNER_TRAINER_STATE_KEY = "_trainer"
 SUMMARY_METRICS = ("mIoU", "fwIoU", "mACC", "pACC")
 
 
@@ -104,7 +114,8 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg: CfgNode):
         super().__init__(cfg)
         # Replace the default checkpointer with the safe, strict and atomic one, keeping the
-        # objects it saves (optimizer, scheduler) and the hook that uses it.
+        # object it saves besides the model (this trainer, see state_dict) and the hooks that
+        # use it.
         self.checkpointer = SkySenseOCheckpointer(
             self._trainer.model, cfg.OUTPUT_DIR, strict=cfg.MODEL.SKYSENSE_O.WEIGHTS_STRICT,
             **self.checkpointer.checkpointables,
@@ -113,10 +124,53 @@ class Trainer(DefaultTrainer):
             if hasattr(hook, "checkpointer"):
                 hook.checkpointer = self.checkpointer
 
+    def state_dict(self) -> Dict[str, Any]:
+        """Return the iteration, the hooks' state (the LR scheduler) and the optimizer's state."""
+        # Detectron2 0.6's DefaultTrainer saves the iteration and the LR scheduler but not the
+        # optimizer. A resumed run would then restart AdamW's moment estimates, and it would run
+        # its first iteration at the learning rate of iteration 0, because the restored
+        # scheduler sets the rate only after that iteration.
+        state = super().state_dict()
+        state[INNER_TRAINER_STATE_KEY] = self._trainer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if INNER_TRAINER_STATE_KEY in state_dict:
+            self._trainer.load_state_dict(state_dict[INNER_TRAINER_STATE_KEY])
+        else:
+            logger.warning(
+                "The checkpoint has no optimizer state, so the optimizer starts afresh at "
+                "iteration %d.", self.iter + 1,
+            )
+
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
+        """Build the training loader, whose mapper skips samples that fail to load.
+
+        NOTE: after --resume the data order is the same only in Detectron2's sense. With SEED
+        >= 0, default_setup seeds every generator with SEED + rank, so the TrainingSampler gets
+        the same shuffle seed (comm.shared_random_seed) in every run with the same config and
+        number of processes. Its stream of indices starts again from the beginning, though:
+        Detectron2 0.6 does not skip the samples consumed before the checkpoint, so a resumed
+        run repeats the original order from iteration 0. With SEED < 0 (Detectron2's default)
+        every run draws a new seed. The bad-sample counts of SkipBadSamples restart from zero
+        as well.
+        """
+        if not cfg.DATASETS.TRAIN:
+            raise ValueError("DATASETS.TRAIN is empty; name at least one registered dataset.")
+        # SkipBadSamples draws replacements from the same serialized dataset that the loader
+        # samples from, so each process keeps one copy of it. An unregistered name raises
+        # Detectron2's KeyError, which lists the registered datasets.
+        dataset = DatasetFromList(
+            get_detection_dataset_dicts(
+                cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+            ),
+            copy=False,
+        )
         mapper = MAPPER_REGISTRY.get(cfg.INPUT.DATASET_MAPPER_NAME)(cfg, True)
-        return build_detection_train_loader(cfg, mapper=mapper)
+        mapper = SkipBadSamples(cfg, mapper, dataset=dataset)
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
@@ -181,7 +235,7 @@ def setup(args) -> CfgNode:
     cfg = get_cfg()
     add_skysense_o_config(cfg)
     cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_overrides(cfg, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="skysense_o")

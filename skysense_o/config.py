@@ -218,8 +218,9 @@ def add_skysense_o_config(cfg: CN) -> None:
     # The visual-relevance graph (a skysa_graph.jsonl file). Empty: the Sky-SA default
     # <DETECTRON2_DATASETS>/Sky-SA/skysa_graph.jsonl for Sky-SA datasets, none otherwise.
     cfg.DATASETS.SKYSA.GRAPH_FILE = ""
-    # Fraction of training samples that may fail to load (skipped and logged) before the run
-    # stops, checked once at least 20 samples have been read.
+    # Fraction (0..1) of the training samples read that may fail to load (skipped and logged
+    # with their file names) before the run stops. Checked once 20 samples, or all of a
+    # smaller dataset, have been read, and counted per data-loader worker process.
     cfg.DATASETS.SKYSA.MAX_BAD_SAMPLE_FRACTION = 0.05
 
     # ---- Evaluation outputs --------------------------------------------------------------------

@@ -30,6 +30,7 @@ from ..graph import (
 )
 from ..sampling import sample_texts, unique_names
 from . import MAPPER_REGISTRY
+from .robust import SkipBadSamples
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ MAPPER_NAME = "skysa_semantic"
 AUG_IGNORE = 255
 # A binary mask marks its class with this value; any other value means "not this class".
 BINARY_MASK_CLASS_VALUE = 1
-# Bad samples are tolerated only after this many samples have been seen by one process.
-MIN_SAMPLES_BEFORE_BAD_FRACTION_CHECK = 20
 
 
 def find_binary_mask(folder: Path, index: int, class_name: str) -> Path:
@@ -163,9 +162,10 @@ class SkySASemanticDatasetMapper:
     3. Pad both to the crop size and the size divisibility (image 128, label ignore).
     4. Sample the text list (``skysense_o.data.sampling``) and remap the label to it.
 
-    A sample that fails to load is skipped (the loader draws another) and logged, until more
-    than ``max_bad_sample_fraction`` of the samples seen by this process have failed (checked
-    once 20 samples have been seen). Then the error is raised.
+    A sample that fails to load raises FileNotFoundError or ValueError naming the file. In
+    training, ``train_net.py`` wraps the mapper in ``SkipBadSamples``, which skips such samples
+    up to DATASETS.SKYSA.MAX_BAD_SAMPLE_FRACTION. Given ``max_bad_sample_fraction``, the mapper
+    applies the same rule itself.
 
     Returns, per dict: ``image`` (uint8 3 x H x W, RGB), ``sem_seg`` (int64 H x W, values
     index ``texts``, ignored pixels hold ``ignore_value``), ``texts`` (list of str),
@@ -188,7 +188,7 @@ class SkySASemanticDatasetMapper:
         vocabularies: Optional[Mapping[str, Sequence[str]]] = None,
         bands: Sequence[int] = (0, 1, 2),
         max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
-        max_bad_sample_fraction: float = 0.0,
+        max_bad_sample_fraction: Optional[float] = None,
     ):
         """
         Args:
@@ -204,8 +204,9 @@ class SkySASemanticDatasetMapper:
             vocabularies: dataset name -> names to draw negatives from when there is no graph.
             bands: image bands used as R, G, B.
             max_pixels: the largest accepted image (width x height).
-            max_bad_sample_fraction: fraction of samples that may fail before errors are
-                raised (0: the first failure after 20 samples raises).
+            max_bad_sample_fraction: None (the default, and what ``from_config`` gives) lets
+                errors propagate. A fraction makes ``__call__`` return None for a failing
+                sample, within that budget, as ``SkipBadSamples`` without a dataset does.
         """
         if not is_train:
             raise ValueError(f"{MAPPER_NAME} is a training mapper; use skysense_test for testing")
@@ -225,9 +226,11 @@ class SkySASemanticDatasetMapper:
         self.vocabularies = {k: list(v) for k, v in (vocabularies or {}).items()}
         self.bands = tuple(int(b) for b in bands)
         self.max_pixels = max_pixels
-        self.max_bad_sample_fraction = float(max_bad_sample_fraction)
-        self._num_seen = 0
-        self._num_bad = 0
+        self._skip_bad_samples = None
+        if max_bad_sample_fraction is not None:
+            self._skip_bad_samples = SkipBadSamples(
+                self.map, max_bad_fraction=max_bad_sample_fraction
+            )
 
         logger.info(f"[{type(self).__name__}] Augmentations used in training: {augmentations}")
 
@@ -279,7 +282,6 @@ class SkySASemanticDatasetMapper:
             "vocabularies": vocabularies,
             "bands": list(cfg.INPUT.BANDS),
             "max_pixels": cfg.INPUT.MAX_IMAGE_PIXELS,
-            "max_bad_sample_fraction": cfg.DATASETS.SKYSA.MAX_BAD_SAMPLE_FRACTION,
         }
 
     def _read_label(self, dataset_dict: Dict[str, Any], shape: Tuple[int, int]) -> np.ndarray:
@@ -350,21 +352,10 @@ class SkySASemanticDatasetMapper:
         }
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        """Map one dict; returns None for a bad sample while bad samples are tolerated."""
-        self._num_seen += 1
-        try:
+        """Map one dict; with ``max_bad_sample_fraction`` set, None for a skipped bad sample."""
+        if self._skip_bad_samples is None:
             return self.map(dataset_dict)
-        except (OSError, ValueError) as e:
-            self._num_bad += 1
-            checked = self._num_seen >= MIN_SAMPLES_BEFORE_BAD_FRACTION_CHECK
-            if checked and self._num_bad > self.max_bad_sample_fraction * self._num_seen:
-                raise RuntimeError(
-                    f"{self._num_bad} of {self._num_seen} training samples failed to load, more "
-                    f"than DATASETS.SKYSA.MAX_BAD_SAMPLE_FRACTION = {self.max_bad_sample_fraction}"
-                    f"; the last one: {e}"
-                ) from e
-            logger.warning("Skipped a training sample that failed to load: %s", e)
-            return None
+        return self._skip_bad_samples(dataset_dict)
 
 
 def _negative_sources(
