@@ -1,0 +1,94 @@
+"""train_net.py as users run it: train a few iterations, then evaluate the checkpoint again."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VAL_DATASET = "skysense_quickstart_val_dubai_aerial"
+
+# The quick-start config shrunk so that training and evaluation take seconds on a CPU.
+TINY = [
+    "MODEL.SKYSENSE_O.BACKBONE.IMAGE_SIZE", "64",
+    "MODEL.SKYSENSE_O.BACKBONE.GUIDANCE_LAYERS", "[0,1]",
+    "MODEL.SKYSENSE_O.DECODER.HIDDEN_DIM", "16",
+    "MODEL.SKYSENSE_O.DECODER.UPSAMPLE_DIMS", "[16,8]",
+    "MODEL.SKYSENSE_O.INFERENCE.WINDOW", "64",
+    "MODEL.SKYSENSE_O.INFERENCE.STRIDE", "64",
+    "DATASETS.SKYSA.TEXT_BATCH", "6",
+    "DATASETS.TEST", f"('{VAL_DATASET}',)",
+    "INPUT.MIN_SIZE_TRAIN", "(96,)",
+    "INPUT.MAX_SIZE_TRAIN", "160",
+    "INPUT.CROP.SIZE", "(64,64)",
+    "INPUT.MIN_SIZE_TEST", "96",
+    "INPUT.MAX_SIZE_TEST", "160",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.MAX_ITER", "3",
+    "SOLVER.WARMUP_ITERS", "1",
+    "DATALOADER.NUM_WORKERS", "0",
+]
+
+
+@pytest.fixture(scope="module")
+def datasets_root(samples_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("datasets")
+    env = dict(os.environ, DETECTRON2_DATASETS=str(root))
+    completed = subprocess.run(
+        [sys.executable, "tools/prepare_quickstart.py", str(samples_dir)], cwd=REPO_ROOT,
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return root
+
+
+def run_train_net(datasets_root, output_dir, *arguments):
+    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets_root), OMP_NUM_THREADS="1")
+    command = [sys.executable, "train_net.py", "--config-file", "configs/quickstart.yaml",
+               *arguments, *TINY, "OUTPUT_DIR", str(output_dir)]
+    completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True,
+                               text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return completed
+
+
+def test_train_then_eval_only_reproduces_metrics(datasets_root, tmp_path):
+    output_dir = tmp_path / "run"
+
+    trained = run_train_net(datasets_root, output_dir)
+    weights = output_dir / "model_final.pth"
+    summary = json.loads((output_dir / "results_summary.json").read_text())
+    reevaluated = run_train_net(datasets_root, tmp_path / "eval", "--eval-only",
+                                "MODEL.WEIGHTS", str(weights))
+    again = json.loads((tmp_path / "eval" / "results_summary.json").read_text())
+
+    assert weights.is_file()
+    assert (output_dir / "metrics.json").is_file()
+    assert "Results across datasets" in trained.stdout + trained.stderr
+    assert "majority class" in trained.stdout + trained.stderr
+    first = summary[VAL_DATASET]
+    second = again[VAL_DATASET]
+    for metric in ("mIoU", "fwIoU", "mACC", "pACC"):
+        assert first[metric] == pytest.approx(second[metric], abs=1e-9)
+    assert first["majority_baseline"]["class"] == "land (unpaved area)"
+    pictures = output_dir / "inference" / VAL_DATASET / "visualizations"
+    assert sorted(p.name for p in pictures.iterdir()) == [
+        "dubai_t1_009_color.png", "dubai_t1_009_overlay.png",
+        "dubai_t4_006_color.png", "dubai_t4_006_overlay.png",
+    ]
+    assert "Results across datasets" in reevaluated.stdout + reevaluated.stderr
+
+
+def test_unknown_config_key_is_rejected(datasets_root, tmp_path):
+    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets_root))
+    completed = subprocess.run(
+        [sys.executable, "train_net.py", "--config-file", "configs/quickstart.yaml",
+         "--eval-only", "MODEL.SKYSENSE_O.DECODER.HIDEN_DIM", "8"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+    assert completed.returncode != 0
+    assert "HIDEN_DIM" in completed.stderr
