@@ -24,7 +24,7 @@ REGENERATED_BUFFER_SUFFIXES = (
 
 def _atomic_write(path: str, write) -> None:
     """Write a file through a temporary file in the same folder and an atomic rename, so a
-    reader (or a crash) never sees a partly written file."""
+    reader never finds a partly written file, even after a crash."""
     folder = os.path.dirname(path) or "."
     # A random suffix and O_EXCL give a fresh file. Mode 0o666 leaves the permissions to the
     # umask, as for any other file the run writes (tempfile.mkstemp would force 0o600).
@@ -69,7 +69,9 @@ class SkySenseOCheckpointer(DetectionCheckpointer):
             )
         loaded = load_weights_file(filename)
         if not isinstance(loaded, dict):
-            raise ValueError(f"{filename} holds a {type(loaded).__name__}, not a dict of weights")
+            raise ValueError(
+                f"{filename} contains a {type(loaded).__name__}; expected a dict of weights"
+            )
         if "model" not in loaded:
             loaded = {"model": loaded}
         return loaded

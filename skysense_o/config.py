@@ -10,9 +10,9 @@ def add_skysense_o_config(cfg: CN) -> None:
     (the data), ``cfg.SOLVER`` (optimisation) and ``cfg.TEST`` (inference), grouped by concern.
     """
     cfg.MODEL.META_ARCHITECTURE = "SkySenseO"
-    # Images arrive as RGB in 0..255. These are CLIP's normalisation constants in those units;
-    # the SkySense-CLIP release normalises with the ImageNet values (123.675, 116.28, 103.53)
-    # and (58.395, 57.12, 57.375) instead, which its configs set.
+    # Images arrive as RGB in 0..255, and these are CLIP's normalisation constants in those
+    # units. The SkySense-CLIP release normalises with the ImageNet values (123.675, 116.28,
+    # 103.53) and (58.395, 57.12, 57.375) instead, which its configs set.
     cfg.MODEL.PIXEL_MEAN = [122.7709383, 116.7460125, 104.09373615]
     cfg.MODEL.PIXEL_STD = [68.5005327, 66.6321579, 70.32316305]
 
@@ -44,7 +44,7 @@ def add_skysense_o_config(cfg: CN) -> None:
     # the SkySense-CLIP pre-training file. Empty with no PRETRAINED tag: random initialisation,
     # reported with a WARNING.
     node.BACKBONE.CHECKPOINT = ""
-    # Side of the square image (pixels) that the backbone sees in "whole" inference and in
+    # Side of the square image (pixels) given to the backbone in "whole" inference and in
     # training. 384 in the release.
     node.BACKBONE.IMAGE_SIZE = 384
     # Indices of the transformer layers (0-based) whose tokens give the two guidance maps of a
@@ -92,7 +92,7 @@ def add_skysense_o_config(cfg: CN) -> None:
     # ("channels"), see ENSEMBLE.
     node.TEXT.TEMPLATES = ["A remote sensing image of a {}."]
     # "mean": average the normalised embeddings of the templates per class (one prompt channel);
-    # "channels": one cost-volume channel per template (the decoder sees P = len(TEMPLATES)).
+    # "channels": one cost-volume channel per template (the decoder receives P = len(TEMPLATES) channels).
     node.TEXT.ENSEMBLE = "mean"
     # Number of prompts encoded per text-tower forward at inference; bounds the memory used to
     # encode a large vocabulary (1,763 names in the open-world list).
@@ -137,8 +137,9 @@ def add_skysense_o_config(cfg: CN) -> None:
     node.DECODER.SAM_DEPTH = 2
     node.DECODER.SAM_NUM_HEADS = 8
     node.DECODER.SAM_MLP_DIM = 1024
-    # SAM-style decoder: number of class tokens attended to in one chunk; memory grows linearly
-    # with the vocabulary because tokens are processed in chunks of this size.
+    # SAM-style decoder: number of class tokens that go through the two-way transformer
+    # together. Tokens are processed in chunks of this size, so memory grows linearly with the
+    # vocabulary.
     node.DECODER.SAM_CLASS_CHUNK = 64
 
     # ---- Losses ----------------------------------------------------------------------------

@@ -109,7 +109,7 @@ class SkySenseO(nn.Module):
             name_similarity: class-name similarity for the regulariser (None when it is off).
             pixel_mean, pixel_std: per-channel normalisation, RGB in 0..255.
             size_divisibility: images are padded to a multiple of this.
-            image_size: side of the square the backbone sees.
+            image_size: side of the square image given to the backbone.
             inference_mode: "whole" or "sliding"; the remaining arguments configure them.
             graph_file: the visual-relevance graph used to weight the regulariser for images
                 whose names were sampled from it; when empty, the graph of the first training
@@ -415,7 +415,7 @@ class SkySenseO(nn.Module):
     def whole_scores(
         self, image: torch.Tensor, text_embeds, synonym_groups=None, output_size=None
     ) -> torch.Tensor:
-        """The release's protocol: pad, squash (or fit) to one square, predict, map back.
+        """Predict with the release's protocol: pad, squash (or fit) to one square, map back.
 
         Returns T x H' x W' probabilities for the 3 x H x W normalised ``image``, at
         ``output_size`` (H', W'), by default (H, W).
