@@ -35,6 +35,7 @@ from skysense_o.checkpoint import SkySenseOCheckpointer
 from skysense_o.data.datasets.register_benchmarks import CLASS_LISTS_DIR, load_class_list
 from skysense_o.data.graph import canonical_name, load_graph
 from skysense_o.modeling.inference import expand_with_synonyms, sliding_window_scores
+from skysense_o.release import build_model_for_inference
 from skysense_o.utils.weights import CheckpointMismatchError
 
 logger = logging.getLogger(__name__)
@@ -405,11 +406,19 @@ class Predictor:
         self.graph_file = cfg.DATASETS.SKYSA.GRAPH_FILE
         self.retrieval_augmentation = cfg.MODEL.SKYSENSE_O.INFERENCE.RETRIEVAL_AUGMENTATION
 
-        self.model = build_model(cfg)
+        if self.weights and not Path(self.weights).is_file():
+            raise FileNotFoundError(f"checkpoint {self.weights} not found (--weights)")
+        if self.weights and cfg.MODEL.SKYSENSE_O.LOW_MEMORY_LOAD:
+            # Built on the meta device with the weight file memory-mapped, so a release-size
+            # model needs about one copy of its weights in RAM instead of two.
+            try:
+                self.model = build_model_for_inference(cfg, self.weights)
+            except CheckpointMismatchError as e:
+                raise CheckpointMismatchError(f"{self.weights}: {e}") from e
+        else:
+            self.model = build_model(cfg)
         self.model.eval()
-        if self.weights:
-            if not Path(self.weights).is_file():
-                raise FileNotFoundError(f"checkpoint {self.weights} not found (--weights)")
+        if self.weights and not cfg.MODEL.SKYSENSE_O.LOW_MEMORY_LOAD:
             checkpointer = SkySenseOCheckpointer(
                 self.model, strict=cfg.MODEL.SKYSENSE_O.WEIGHTS_STRICT
             )
@@ -417,6 +426,7 @@ class Predictor:
                 checkpointer.load(self.weights)
             except CheckpointMismatchError as e:
                 raise CheckpointMismatchError(f"{self.weights}: {e}") from e
+        if self.weights:
             logger.info("Loaded weights from %s", self.weights)
         else:
             logger.warning(

@@ -346,3 +346,18 @@ def test_bad_device_is_rejected(device, shown):
     with pytest.raises(ValueError) as raised:
         Predictor(opts=list(TINY_OPTS), device=device)
     assert shown in str(raised.value)
+
+
+def test_low_memory_load_matches_normal_load(checkpoint, predictor, sample):
+    low_memory = Predictor(
+        opts=[*TINY_OPTS, *NO_RESIZE, "MODEL.SKYSENSE_O.LOW_MEMORY_LOAD", True],
+        weights=str(checkpoint), device="cpu",
+    )
+    names = ["building", "road", "water"]
+    image = sample[:96, :128]
+
+    expected = predictor.predict(image, names, return_probabilities=True)
+    actual = low_memory.predict(image, names, return_probabilities=True)
+
+    assert np.array_equal(actual.labels, expected.labels)
+    assert np.allclose(actual.probabilities, expected.probabilities, atol=1e-6)
