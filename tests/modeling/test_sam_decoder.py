@@ -18,7 +18,7 @@ GUIDANCE_CHANNELS = (16, 8)
 HEIGHT, WIDTH = 12, 17
 
 
-def make_decoder(class_chunk: int = 16, seed: int = 0) -> SAMMaskDecoder:
+def make_decoder(class_chunk: int = 16, seed: int = 0, class_budget=None) -> SAMMaskDecoder:
     torch.manual_seed(seed)
     return SAMMaskDecoder(
         embed_dim=EMBED_DIM,
@@ -29,6 +29,7 @@ def make_decoder(class_chunk: int = 16, seed: int = 0) -> SAMMaskDecoder:
         mlp_dim=64,
         upsample_dims=(16, 8),
         class_chunk=class_chunk,
+        class_budget=class_budget,
     )
 
 
@@ -207,6 +208,73 @@ def test_memory_measure_detects_quadratic_growth():
     small, large = record_forward(decoder, 64), record_forward(decoder, 512)
     assert large.max_numel / small.max_numel > 30
     assert large.total_bytes / small.total_bytes > 12
+
+
+# ---- Class budget -------------------------------------------------------------------------
+
+
+def best_cost(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """The B x T maximum over cells of the cosine similarity to the prompt-ensembled classes."""
+    return upsampled_cost(image, text, image.shape[-2:]).amax(dim=(2, 3))
+
+
+def test_class_budget_decodes_top_classes():
+    decoder = make_decoder(class_budget=4)
+    image, text, guidance = make_inputs(2, 10)
+    with torch.no_grad():
+        logits = decoder(image, text, guidance)
+    assert logits.shape == (2, 10, 4 * HEIGHT, 4 * WIDTH)
+    top_classes = best_cost(image, text).topk(4, dim=1).indices.sort(dim=1).values
+    # The two images keep different classes, so the selection is made per image.
+    assert not torch.equal(top_classes[0], top_classes[1])
+
+    unbudgeted = make_decoder()
+    for index in range(2):
+        dropped = torch.ones(10, dtype=torch.bool)
+        dropped[top_classes[index]] = False
+        assert torch.all(logits[index, dropped] == -100.0)
+        # Kept classes decode as if the vocabulary held only them, in vocabulary order.
+        kept_text = text[index : index + 1, top_classes[index]]
+        single = [g[index : index + 1] for g in guidance]
+        with torch.no_grad():
+            expected = unbudgeted(image[index : index + 1], kept_text, single)
+        torch.testing.assert_close(logits[index : index + 1, top_classes[index]], expected)
+
+
+def test_class_budget_not_reached_changes_nothing():
+    image, text, guidance = make_inputs(2, 10)
+    with torch.no_grad():
+        budgeted = make_decoder(class_budget=10)(image, text, guidance)
+        unbudgeted = make_decoder()(image, text, guidance)
+    assert torch.equal(budgeted, unbudgeted)
+
+
+def test_class_budget_bounds_transformer_tokens():
+    decoder = make_decoder(class_chunk=16, class_budget=24)
+    token_counts = []
+    decoder.transformer.register_forward_hook(
+        lambda module, args, output: token_counts.append(args[2].shape[1])
+    )
+    image, text, guidance = make_inputs(1, 300)
+    with torch.no_grad():
+        logits = decoder(image, text, guidance)
+    # 24 decoded classes in chunks of 16, out of 300.
+    assert token_counts == [16, 8]
+    assert (logits != -100.0).flatten(2).any(dim=2).sum() == 24
+
+
+def test_class_budget_from_config():
+    cfg = small_cfg()
+    cfg.MODEL.SKYSENSE_O.DECODER.CLASS_BUDGET = 5
+    assert build_decoder(cfg, STUB_BACKBONE).class_budget == 5
+    assert make_decoder().class_budget is None
+
+
+@pytest.mark.parametrize("budget", [0, -3, 2.5, True])
+def test_class_budget_invalid(budget):
+    message = rf"CLASS_BUDGET\) must be a positive integer, got {budget}"
+    with pytest.raises(ValueError, match=message):
+        make_decoder(class_budget=budget)
 
 
 # ---- Zero-shot prior ----------------------------------------------------------------------

@@ -5,12 +5,14 @@ reuses its ``TwoWayTransformer``, ``MLP``, ``LayerNorm2d`` and ``PositionEmbeddi
 the ``segment_anything`` package.
 """
 
+import logging
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.utils.logger import log_first_n
 from segment_anything.modeling import TwoWayTransformer
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.mask_decoder import MLP
@@ -18,7 +20,7 @@ from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from torch import nn
 
 from .base import DECODER_REGISTRY, SegmentationDecoder
-from .cost_aggregation import _check_int_pair, _check_positive
+from .cost_aggregation import DROPPED_CLASS_LOGIT, _check_int_pair, _check_positive
 
 # Initial inverse temperature of the dense prior's softmax over classes: the upper bound of
 # CLIP's learned logit scale (open_clip 3.3.0's training loop clamps it at ln 100), so that the
@@ -78,7 +80,8 @@ class SAMMaskDecoder(SegmentationDecoder):
        every cell, the class tokens averaged with the weights softmax over classes of the
        scaled cost. The prior has D channels whatever T is.
     4. The class tokens and the image side go through SAM's ``TwoWayTransformer``, in chunks of
-       ``class_chunk`` classes that all start from the same image side.
+       ``class_chunk`` classes that all start from the same image side. Each chunk is
+       upscaled (step 5) on its own, because each chunk updates its own copy of the image side.
     5. Two stride-2 transposed convs upscale the image side 4x, fusing the coarse and then the
        fine guidance map (each after a 1x1 conv), with LayerNorm2d and GELU.
     6. A hypernetwork MLP maps each class token to weights whose dot product with the upscaled
@@ -87,9 +90,15 @@ class SAMMaskDecoder(SegmentationDecoder):
        every class's logit. The hypernetwork's initial weights are small, so an untrained
        decoder ranks classes as the backbone's cosine similarity does.
 
-    Memory and compute grow linearly with T. The transformer's attention maps are
-    K x (h*w) for a chunk of K classes, and the K x K token self-attention is bounded by the
-    chunk size.
+    With more than ``class_budget`` classes, each image decodes only the ``class_budget``
+    classes of highest maximum cost over its cells (in vocabulary order), as the
+    cost-aggregation decoder does. The other classes get the logit -100, and the dense prior
+    averages over the decoded classes only.
+
+    Memory and compute grow linearly with the number of decoded classes. The transformer's
+    attention maps are K x (h*w) for a chunk of K classes, and the K x K token self-attention
+    is bounded by the chunk size. Above the class budget, only the B x T x h x w cost volume
+    and the B x T x 4h x 4w output grow with T.
 
     NOTE: class tokens attend to each other only inside their chunk, and each chunk updates
     its own copy of the image side. So when T exceeds ``class_chunk``, a class's logits depend
@@ -112,6 +121,7 @@ class SAMMaskDecoder(SegmentationDecoder):
         mlp_dim: int,
         upsample_dims: Sequence[int],
         class_chunk: int,
+        class_budget: Optional[int] = None,
     ) -> None:
         """
         Args:
@@ -125,9 +135,13 @@ class SAMMaskDecoder(SegmentationDecoder):
             mlp_dim: hidden width of the MLP in each two-way block.
             upsample_dims: channels (U0, U1) after the first and second 2x upscaling.
             class_chunk: number of class tokens the transformer attends over at once.
+            class_budget: most classes decoded per image (the top ones by maximum cost);
+                None decodes every class.
         """
         super().__init__()
         _check_transformer_sizes(embed_dim, hidden_dim, depth, num_heads, mlp_dim, class_chunk)
+        if class_budget is not None:
+            _check_positive({"class_budget (MODEL.SKYSENSE_O.DECODER.CLASS_BUDGET)": class_budget})
         coarse_channels, fine_channels = _check_int_pair(
             "guidance_channels (MODEL.SKYSENSE_O.DECODER.GUIDANCE_CHANNELS)", guidance_channels
         )
@@ -137,6 +151,7 @@ class SAMMaskDecoder(SegmentationDecoder):
         self.embed_dim = embed_dim
         self.guidance_channels = (coarse_channels, fine_channels)
         self.class_chunk = class_chunk
+        self.class_budget = class_budget
 
         # Prompt side: class embeddings to tokens. Image side: embedding to width D, the
         # learned log inverse temperature of the dense prior, and SAM's random-frequency
@@ -190,6 +205,7 @@ class SAMMaskDecoder(SegmentationDecoder):
             "mlp_dim": decoder_cfg.SAM_MLP_DIM,
             "upsample_dims": list(decoder_cfg.UPSAMPLE_DIMS),
             "class_chunk": decoder_cfg.SAM_CLASS_CHUNK,
+            "class_budget": decoder_cfg.CLASS_BUDGET,
         }
 
     def forward(
@@ -204,17 +220,60 @@ class SAMMaskDecoder(SegmentationDecoder):
                 B x G0 x 2h x 2w and B x G1 x 4h x 4w.
 
         Returns:
-            B x T x 4h x 4w class logits.
+            B x T x 4h x 4w class logits. Classes outside an image's class budget get -100.
         """
         coarse, fine = self._check_inputs(image_embeds, text_embeds, guidance)
-        batch_size, _, height, width = image_embeds.shape
 
         # Cost volume against the prompt-ensembled class embeddings (normalised mean over P).
         class_embeds = F.normalize(text_embeds.mean(dim=2), dim=-1).to(image_embeds)  # B x T x E
         cost = torch.einsum("behw,bte->bthw", F.normalize(image_embeds, dim=1), class_embeds)
 
+        # Over budget: decode each image's top classes only.
+        selected = self.select_classes(cost)
+        if selected is None:
+            return self._decode_classes(image_embeds, cost, class_embeds, coarse, fine)
+        num_classes = cost.shape[1]
+        log_first_n(
+            logging.INFO,
+            f"{num_classes} classes exceed the SAM decoder's class budget of "
+            f"{self.class_budget}: each image decodes its top {self.class_budget} classes by "
+            f"cost, the others get logit {DROPPED_CLASS_LOGIT}",
+            n=1,
+            name=__name__,
+        )
+        class_embeds = torch.gather(
+            class_embeds, 1, selected[:, :, None].expand(-1, -1, class_embeds.shape[-1])
+        )
+        cost = torch.gather(cost, 1, selected[:, :, None, None].expand(-1, -1, *cost.shape[-2:]))
+        logits = self._decode_classes(image_embeds, cost, class_embeds, coarse, fine)
+        return _scatter_classes(logits, selected, num_classes)
+
+    def select_classes(self, cost: torch.Tensor) -> Optional[torch.Tensor]:
+        """Return the B x class_budget indices, ascending, of each image's classes of highest
+        maximum cost over cells, or None when the B x T x h x w ``cost`` is within budget.
+
+        Ascending indices keep the vocabulary order, which decides the chunks.
+        """
+        if self.class_budget is None or cost.shape[1] <= self.class_budget:
+            return None
+        best_cost = cost.amax(dim=(2, 3))  # B x T
+        selected = best_cost.topk(self.class_budget, dim=1, sorted=False).indices
+        return selected.sort(dim=1).values
+
+    def _decode_classes(
+        self,
+        image_embeds: torch.Tensor,
+        cost: torch.Tensor,
+        class_embeds: torch.Tensor,
+        coarse: torch.Tensor,
+        fine: torch.Tensor,
+    ) -> torch.Tensor:
+        """Return the B x K x 4h x 4w logits of K classes from their B x K x h x w cost and
+        B x K x E normalised embeddings."""
+        batch_size, _, height, width = image_embeds.shape
+
         # Prompt tokens and the image side shared by every chunk.
-        class_tokens = self.text_proj(class_embeds)  # B x T x D
+        class_tokens = self.text_proj(class_embeds)  # B x K x D
         image_side = self._embed_image(image_embeds, cost, class_tokens)  # B x D x h x w
         image_pe = self.pe_layer((height, width)).to(image_side)
         image_pe = image_pe.unsqueeze(0).expand(batch_size, -1, -1, -1)
@@ -228,7 +287,7 @@ class SAMMaskDecoder(SegmentationDecoder):
                 for tokens in class_tokens.split(self.class_chunk, dim=1)
             ],
             dim=1,
-        )  # B x T x 4h x 4w
+        )  # B x K x 4h x 4w
 
         # The zero-shot term keeps the backbone's ranking of classes.
         cost_up = F.interpolate(
@@ -313,3 +372,17 @@ class SAMMaskDecoder(SegmentationDecoder):
                     f"{tuple(image_embeds.shape)}, got {tuple(tensor.shape)}"
                 )
         return guidance[1], guidance[2]
+
+
+def _scatter_classes(
+    logits: torch.Tensor, selected: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """Place the B x K x H x W logits of the B x K ``selected`` classes on a B x T x H x W
+    canvas whose other classes get ``DROPPED_CLASS_LOGIT``, in float32 or wider."""
+    batch_size, _, height, width = logits.shape
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    canvas = logits.new_full(
+        (batch_size, num_classes, height, width), DROPPED_CLASS_LOGIT, dtype=dtype
+    )
+    index = selected[:, :, None, None].expand(-1, -1, height, width)
+    return canvas.scatter(1, index, logits.to(dtype))
