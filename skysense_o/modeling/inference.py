@@ -28,6 +28,22 @@ def window_positions(length: int, window: int, stride: int) -> List[int]:
     return positions
 
 
+def _ring_spans(start: int, stop: int, size: int) -> List[Tuple[int, int, int]]:
+    """Split image rows [start, stop) into runs of a ring buffer of ``size`` rows.
+
+    Returns:
+        (buffer_start, buffer_stop, offset) triples, where ``offset`` is the position of the
+        run's first row within [start, stop).
+    """
+    length = stop - start
+    assert 0 <= length <= size
+    first = start % size
+    if first + length <= size:
+        return [(first, first + length, 0)]
+    head = size - first
+    return [(first, size, 0), (0, length - head, head)]
+
+
 def sliding_window_scores(
     image: torch.Tensor,
     predict: WindowPredictor,
@@ -37,52 +53,55 @@ def sliding_window_scores(
     stride: int,
     batch_size: int,
     emit_rows: RowsCallback,
+    emit_block_rows: int = 32,
 ) -> None:
     """Average window predictions over a large image, streaming finished rows to a callback.
 
-    Windows are processed one row of windows at a time. Only the rows that a later window can
-    still reach are kept, so the score buffer holds at most ``window`` rows of the image
-    (T x window x W floats) however tall the image is.
+    Windows are processed one row of windows at a time. Scores accumulate in a ring buffer of
+    ``window`` image rows (T x window x W floats), allocated once, because only those rows can
+    still receive predictions; memory therefore does not depend on the image height. Finished
+    rows are passed on in blocks of ``emit_block_rows`` rows to bound the size of each block.
 
     Args:
-        image: 1 x 3 x H x W normalised image with H, W >= ``window``.
+        image: 1 x 3 x H x W image (normalised, or raw if ``predict`` normalises its crops)
+            with H, W >= ``window``.
         predict: the window predictor (already in eval mode, called under no_grad).
         num_classes: T, the number of score channels ``predict`` returns.
         window, stride: window side and step, in pixels.
         batch_size: windows per call of ``predict``.
         emit_rows: called with (row_start, row_end, scores) for consecutive row ranges that
             together cover [0, H) exactly once, in order.
+        emit_block_rows: the largest number of rows passed in one call of ``emit_rows``.
     """
     height, width = image.shape[-2:]
     rows_y = window_positions(height, window, stride)
     columns_x = window_positions(width, window, stride)
-    dtype = torch.float32
-    scores = torch.zeros(num_classes, 0, width, dtype=dtype, device=image.device)
-    counts = torch.zeros(1, 0, width, dtype=dtype, device=image.device)
-    buffer_top = 0
+    scores = torch.zeros(num_classes, window, width, dtype=torch.float32, device=image.device)
+    counts = torch.zeros(1, window, width, dtype=torch.float32, device=image.device)
+    emitted_until = 0
 
     for index, top in enumerate(rows_y):
-        # Extend the buffer down to the bottom of this row of windows.
-        missing = top + window - (buffer_top + scores.shape[1])
-        if missing > 0:
-            scores = torch.cat([scores, scores.new_zeros(num_classes, missing, width)], dim=1)
-            counts = torch.cat([counts, counts.new_zeros(1, missing, width)], dim=1)
-
         for start in range(0, len(columns_x), batch_size):
             lefts = columns_x[start : start + batch_size]
             crops = torch.cat([image[..., top : top + window, x : x + window] for x in lefts])
-            predictions = predict(crops).to(dtype)
-            row = top - buffer_top
+            predictions = predict(crops).to(torch.float32)
             for left, prediction in zip(lefts, predictions):
-                scores[:, row : row + window, left : left + window] += prediction
-                counts[:, row : row + window, left : left + window] += 1
+                for first, last, offset in _ring_spans(top, top + window, window):
+                    rows = prediction[:, offset : offset + last - first]
+                    scores[:, first:last, left : left + window] += rows
+                    counts[:, first:last, left : left + window] += 1
 
-        # Rows above the next row of windows receive no more predictions.
+        # Rows above the next row of windows receive no more predictions: pass them on and
+        # clear their buffer rows for the rows that will wrap onto them.
         finished_until = rows_y[index + 1] if index + 1 < len(rows_y) else height
-        done = finished_until - buffer_top
-        emit_rows(buffer_top, finished_until, scores[:, :done] / counts[:, :done])
-        scores, counts = scores[:, done:], counts[:, done:]
-        buffer_top = finished_until
+        for block_start in range(emitted_until, finished_until, emit_block_rows):
+            block_stop = min(block_start + emit_block_rows, finished_until)
+            for first, last, offset in _ring_spans(block_start, block_stop, window):
+                row = block_start + offset
+                emit_rows(row, row + last - first, scores[:, first:last] / counts[:, first:last])
+                scores[:, first:last] = 0
+                counts[:, first:last] = 0
+        emitted_until = finished_until
 
 
 def merge_synonym_scores(

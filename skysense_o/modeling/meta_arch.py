@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch import nn
 
@@ -55,11 +54,30 @@ def _guidance_adapter(in_channels: int, out_channels: int, ratio: int) -> nn.Mod
     return nn.ConvTranspose2d(in_channels, out_channels, kernel_size=ratio, stride=ratio)
 
 
-def _resize(scores: torch.Tensor, size) -> torch.Tensor:
-    """Bilinearly resize T x H x W scores to ``size``; a no-op at that size already."""
-    if tuple(scores.shape[-2:]) == tuple(size):
+def _resize(scores: torch.Tensor, size, crop=None) -> torch.Tensor:
+    """Crop T x H x W scores to ``crop`` (rows, columns), then resize them bilinearly to ``size``.
+
+    Channels that are constant over the map, such as the classes a decoder left out above its
+    class budget, are filled with their value instead of interpolated: interpolating a
+    constant gives that constant, and with thousands of classes the resize would otherwise
+    dominate the inference time.
+    """
+    if crop is not None:
+        scores = scores[:, : crop[0], : crop[1]]
+    size = tuple(size)
+    if tuple(scores.shape[-2:]) == size:
         return scores
-    return F.interpolate(scores[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+    flat = scores.flatten(1)
+    constant = flat.amax(dim=1) == flat.amin(dim=1)
+    if not bool(constant.any()):
+        return F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+    resized = scores.new_empty(scores.shape[0], *size)
+    resized[constant] = flat[constant, :1, None].expand(-1, *size)
+    varying = ~constant
+    if bool(varying.any()):
+        resized[varying] = F.interpolate(scores[varying][None], size=size, mode="bilinear",
+                                         align_corners=False)[0]
+    return resized
 
 
 @META_ARCH_REGISTRY.register()
@@ -425,9 +443,10 @@ class SkySenseO(nn.Module):
         padded = ImageList.from_tensors([image], self.size_divisibility).tensor
         if not self.keep_aspect_ratio:
             probs = self.predict_window_scores(padded, text_embeds, synonym_groups)[0]
-            # As the release does: crop with the pre-padding size at the output resolution
-            # (a no-op unless the image is smaller than the map), then stretch back.
-            return sem_seg_postprocess(probs, (height, width), *output_size)
+            # As the release does (Detectron2's sem_seg_postprocess): crop with the pre-padding
+            # size at the output resolution (a no-op unless the image is smaller than the map),
+            # then stretch back.
+            return _resize(probs, output_size, crop=(height, width))
 
         # Fit the long side to the square, pad the rest, and crop the valid part afterwards.
         scale = self.image_size / max(padded.shape[-2:])
