@@ -42,8 +42,19 @@ if [ "${1:-}" = "--help" ]; then
   usage
   exit 0
 fi
+for argument in "$@"; do
+  [ "$argument" = "--" ] && break
+  case "$argument" in
+    --help) usage; exit 0 ;;
+    --*) fail "unknown option $argument; --help is the only long option (the config file is -c FILE)" ;;
+  esac
+done
 
 cd "$(dirname "$0")"
+# The project's own environment (tools/setup_env.sh) comes first, then python from PATH.
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then
+  PYTHON=.venv/bin/python
+fi
 python="${PYTHON:-python}"
 config=""
 name=""

@@ -216,7 +216,13 @@ def report_results(cfg: CfgNode, results: Dict[str, Dict]) -> None:
         summary[dataset_name] = {key: metrics.get(key) for key in SUMMARY_METRICS}
         rows.append([dataset_name, "SkySense-O"] + [metrics.get(key) for key in SUMMARY_METRICS])
         if cfg.TEST.SKYSENSE_O.MAJORITY_BASELINE:
-            baseline = evaluate_majority_baseline(cfg.DATASETS.TRAIN, dataset_name)
+            try:
+                baseline = evaluate_majority_baseline(cfg.DATASETS.TRAIN, dataset_name)
+            except (FileNotFoundError, KeyError, ValueError) as error:
+                # The baseline needs the training labels; evaluating without them still
+                # reports the model's own metrics.
+                logger.warning("Majority-class baseline of %s skipped: %s", dataset_name, error)
+                continue
             summary[dataset_name]["majority_baseline"] = baseline
             rows.append([dataset_name, f"majority class ({baseline['class']})"]
                         + [baseline["metrics"].get(key) for key in SUMMARY_METRICS])

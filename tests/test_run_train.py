@@ -98,6 +98,7 @@ def test_eval_only_uses_given_weights(fake_python, tmp_path):
         (["-w", "missing.pth"], "weights file 'missing.pth' (-w) does not exist"),
         (["-n", "a/b"], "run name 'a/b' (-n)"),
         (["--", "SOLVER.MAX_ITER"], "KEY VALUE pairs"),
+        (["--config", "configs/quickstart.yaml"], "unknown option --config; --help is the only"),
     ],
 )
 def test_bad_options_stop_with_usage(fake_python, options, message):

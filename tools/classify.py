@@ -216,6 +216,9 @@ class Accuracy:
     per_class: Dict[str, float]
 
 
+DEFAULT_TOP_K = 5
+
+
 def check_top_k(k: int, num_classes: int) -> None:
     """Raise ValueError unless 1 <= k <= num_classes."""
     if not 1 <= k <= num_classes:
@@ -278,8 +281,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     mode.add_argument("--input", nargs="+", help="image files or folders to classify")
     mode.add_argument("--eval-folder", type=Path,
                       help="folder of class subfolders; prints top-1 and top-k accuracy")
-    parser.add_argument("--top-k", type=int, default=5,
-                        help="classes listed per image, and k of the top-k accuracy")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="classes listed per image, and k of the top-k accuracy "
+                             f"(default: {DEFAULT_TOP_K}, or the number of classes if fewer)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--device", help="torch device; default: cuda when available, else cpu")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
@@ -308,6 +312,8 @@ def run(args: argparse.Namespace) -> str:
         raise ValueError("--classes is required with --input")
     else:
         paths = collect_images(args.input)
+    if args.top_k is None:
+        args.top_k = min(DEFAULT_TOP_K, len(class_names))
     check_top_k(args.top_k, len(class_names))
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

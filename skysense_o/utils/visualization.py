@@ -111,14 +111,17 @@ def class_color(name: str) -> RGB:
 
 
 def class_palette(class_names: Sequence[str]) -> List[RGB]:
-    """Return one colour per class, distinct within any list of up to 72 names.
+    """Return one colour per class, distinct within any list of names.
 
     Each class takes ``class_color(name)`` unless an earlier class of the list already has that
     colour. Then it takes the next unused colour of the hashed palette, starting from its own
-    hashed position, so a class changes colour only in lists where it would share one.
+    hashed position, so a class changes colour only in lists where it would share one. Lists
+    longer than that palette (72 colours) continue with colours spread by the golden ratio
+    over hue, saturation and value, still distinct but harder to tell apart.
     """
     palette: List[RGB] = []
     used = set()
+    extra = 0
     for name in class_names:
         color = class_color(name)
         if color in used:
@@ -128,9 +131,22 @@ def class_palette(class_names: Sequence[str]) -> List[RGB]:
                 if candidate not in used:
                     color = candidate
                     break
+        while color in used:
+            color = _spread_color(extra)
+            extra += 1
         palette.append(color)
         used.add(color)
     return palette
+
+
+def _spread_color(index: int) -> RGB:
+    """Return the ``index``-th colour of a deterministic sequence beyond the hashed palette."""
+    golden = 0.6180339887498949
+    hue = (index * golden) % 1.0
+    saturation = 0.45 + 0.5 * ((index * golden * golden) % 1.0)
+    value = 0.55 + 0.4 * ((index * golden * golden * golden) % 1.0)
+    red, green, blue = colorsys.hsv_to_rgb(hue, saturation, value)
+    return (round(red * 255), round(green * 255), round(blue * 255))
 
 
 def _as_label_array(label_map: ArrayLike) -> np.ndarray:

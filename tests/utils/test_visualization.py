@@ -232,3 +232,12 @@ def test_benchmark_palettes_distinct(class_lists_dir):
             assert len(set(palette)) == len(names), (path.name, names)
             checked += 1
     assert checked > 20
+
+
+def test_palette_distinct_beyond_hashed_colours(class_lists_dir):
+    names = [f"class {index}" for index in range(300)]
+
+    palette = class_palette(names)
+
+    assert len(set(palette)) == 300
+    assert palette == class_palette(names)

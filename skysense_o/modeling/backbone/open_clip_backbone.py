@@ -233,9 +233,10 @@ def build_open_clip_model(
         load_open_clip_checkpoint(model, checkpoint)
     elif not load_weights:
         logger.warning(
-            "OpenCLIPBackbone %s starts from RANDOM weights: neither "
-            "MODEL.SKYSENSE_O.BACKBONE.PRETRAINED nor CHECKPOINT is set. This is only useful "
-            "for training from scratch or for tests.",
+            "OpenCLIPBackbone %s is built with random weights: neither "
+            "MODEL.SKYSENSE_O.BACKBONE.PRETRAINED nor CHECKPOINT is set. Full-model weights "
+            "(MODEL.WEIGHTS, --weights) loaded next replace them; without those the model "
+            "is only useful for training from scratch or for tests.",
             arch,
         )
     return model
