@@ -77,7 +77,8 @@ def test_tiny_builds_with_random_init_warning(caplog):
         if record.name.startswith("skysense_o") and record.levelno == logging.WARNING
     ]
     assert len(warnings) == 1
-    assert "RANDOM weights" in warnings[0]
+    assert "random weights" in warnings[0]
+    assert "MODEL.WEIGHTS" in warnings[0]
     assert "SkySense-Tiny" in warnings[0]
 
 
