@@ -69,7 +69,7 @@ OFFICIAL_ROUTE = (
 
 
 class InstallError(RuntimeError):
-    """A step of the installation failed; the message says which and what to do."""
+    """A step of the installation failed; the message names the step and what to do."""
 
 
 class ChecksumError(InstallError):
@@ -169,7 +169,7 @@ setup(
 
 @dataclasses.dataclass(frozen=True)
 class ProbeResult:
-    """What importing Detectron2 in the target interpreter gave."""
+    """Outcome of importing Detectron2 in the target interpreter."""
 
     status: str  # "working", "missing" or "broken"
     version: str = ""
@@ -238,14 +238,14 @@ def download_sdist(python: str, dest: Path, pip_args: Sequence[str] = ()) -> Pat
     completed = _run_logged(_pip_download_command(python, dest, pip_args))
     if completed.returncode != 0 and DIRECT_URL_REFUSAL in completed.stderr:
         logger.info(
-            "this pip refuses the sdist's metadata (a direct URL in an optional extra); "
+            "this pip rejects the sdist's metadata (a direct URL in an optional extra); "
             "retrying with %s from a temporary folder", FALLBACK_PIP,
         )
         completed = _download_with_fallback_pip(python, dest, pip_args)
     if completed.returncode != 0:
         raise InstallError(
             f"could not download {SDIST_REQUIREMENT} with pip (exit status "
-            f"{completed.returncode}). pip said:\n{_tail(completed.stderr or completed.stdout)}\n"
+            f"{completed.returncode}). pip output:\n{_tail(completed.stderr or completed.stdout)}\n"
             "Check that the package index is reachable (network, proxy, pip configuration), "
             "or pass a downloaded copy with --sdist. " + OFFICIAL_ROUTE
         )

@@ -95,8 +95,9 @@ def region_features_pixel_shuffle(
     conv1: nn.Module,
     upscale: int,
 ) -> torch.Tensor:
-    """The release's region features: upsample the embedding with conv0, a pixel shuffle and
-    conv1 to the label's resolution, then sum it inside each class's mask and normalise.
+    """Compute the release's region features: upsample the embedding with conv0, a pixel
+    shuffle and conv1 to the label's resolution, then sum it inside each class's mask and
+    normalise.
 
     Only needed to reproduce the release's losses; ``region_features_pooled`` is the default.
     """

@@ -58,7 +58,7 @@ def _resize(scores: torch.Tensor, size, crop=None) -> torch.Tensor:
     """Crop T x H x W scores to ``crop`` (rows, columns), then resize them bilinearly to ``size``.
 
     Channels that are constant over the map, such as the classes a decoder left out above its
-    class budget, are filled with their value instead of interpolated: interpolating a
+    class budget, are filled with their value instead of interpolated. Interpolating a
     constant gives that constant, and with thousands of classes the resize would otherwise
     dominate the inference time.
     """

@@ -53,7 +53,8 @@ def test_inference_shapes_batch_of_odd_sizes(decoder):
     for (height, width), names, output in zip(sizes, texts, outputs):
         scores = output["sem_seg"]
         assert scores.shape == (len(names), height, width)
-        assert float(scores.min()) >= 0.0 and float(scores.max()) <= 1.0
+        assert float(scores.min()) >= 0.0
+        assert float(scores.max()) <= 1.0
 
 
 def test_inference_single_image_matches_batch():

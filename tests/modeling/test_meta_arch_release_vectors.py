@@ -66,7 +66,8 @@ def load_vector_weights(model: SkySenseO, vectors) -> None:
     state_dict["sem_seg_head.clip_model.token_embedding.weight"] = token_embedding
     regenerated = [k for k in model.state_dict() if k.endswith(REGENERATED_BUFFER_SUFFIXES)]
     missing, unexpected = load_state_dict_checked(model, state_dict, ignore_missing=regenerated)
-    assert missing == [] and unexpected == []
+    assert missing == []
+    assert unexpected == []
 
 
 def test_full_inference_matches_release(vectors):
