@@ -35,6 +35,27 @@ class SegmentationDecoder(nn.Module):
         raise NotImplementedError
 
 
+# Logit of the classes a decoder leaves out above its class budget (sigmoid of about 4e-44).
+DROPPED_CLASS_LOGIT = -100.0
+
+
+def scatter_selected_classes(
+    logits: torch.Tensor, selected: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """Place the B x K x H x W logits of the B x K ``selected`` classes on a B x T x H x W
+    canvas whose other classes get ``DROPPED_CLASS_LOGIT``.
+
+    The canvas is float32 (as the release allocates it) or the logits' wider dtype.
+    """
+    batch_size, _, height, width = logits.shape
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    canvas = logits.new_full(
+        (batch_size, num_classes, height, width), DROPPED_CLASS_LOGIT, dtype=dtype
+    )
+    index = selected[:, :, None, None].expand(-1, -1, height, width)
+    return canvas.scatter(1, index, logits.to(dtype))
+
+
 def build_decoder(cfg, backbone) -> SegmentationDecoder:
     """Build the decoder named by ``cfg.MODEL.SKYSENSE_O.DECODER.NAME`` for ``backbone``."""
     name = cfg.MODEL.SKYSENSE_O.DECODER.NAME

@@ -18,13 +18,17 @@ from einops import rearrange, repeat
 from timm.layers import Mlp
 from torch import nn
 
-from .base import DECODER_REGISTRY, SegmentationDecoder
+from .base import (
+    DECODER_REGISTRY,
+    DROPPED_CLASS_LOGIT,
+    SegmentationDecoder,
+    scatter_selected_classes,
+)
 
 # Additive attention bias between tokens of different shift regions of a window. The release
 # uses -100 (not -inf) and stores the mask in its checkpoints, so the value is kept.
 SHIFT_MASK_VALUE = -100.0
 # Logit of the classes above the class budget, which the decoder does not evaluate.
-DROPPED_CLASS_LOGIT = -100.0
 # Added to the denominator of the linear attention, as in the release.
 LINEAR_ATTENTION_EPS = 1e-6
 # Hidden width of every MLP in the aggregation layers, as a multiple of the hidden width.
@@ -670,7 +674,7 @@ class CostAggregationDecoder(SegmentationDecoder):
         logits = self._aggregate(cost, text_embeds, guidance)
         if selected is None:
             return logits
-        return self._scatter_selected(logits, selected, num_classes)
+        return scatter_selected_classes(logits, selected, num_classes)
 
     def cost_volume(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """Return the B x P x T x h x w cosine similarity of B x E x h x w and B x T x P x E."""
@@ -720,19 +724,6 @@ class CostAggregationDecoder(SegmentationDecoder):
             features = self.decoder2(features, decoder_guidance[1])
             logits.append(rearrange(self.head(features), "(b t) 1 h w -> b t h w", b=batch_size))
         return torch.cat(logits, dim=1)
-
-    def _scatter_selected(
-        self, logits: torch.Tensor, selected: torch.Tensor, num_classes: int
-    ) -> torch.Tensor:
-        """Place B x K x H x W logits of the selected classes on a canvas of -100 logits."""
-        batch_size, _, height, width = logits.shape
-        # The release allocates the canvas in float32. Wider inputs keep their precision.
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        canvas = logits.new_full(
-            (batch_size, num_classes, height, width), DROPPED_CLASS_LOGIT, dtype=dtype
-        )
-        index = selected[:, :, None, None].expand(-1, -1, height, width)
-        return canvas.scatter(1, index, logits.to(dtype))
 
     def _check_inputs(
         self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, guidance: List[torch.Tensor]

@@ -19,8 +19,13 @@ from segment_anything.modeling.mask_decoder import MLP
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from torch import nn
 
-from .base import DECODER_REGISTRY, SegmentationDecoder
-from .cost_aggregation import DROPPED_CLASS_LOGIT, _check_int_pair, _check_positive
+from .base import (
+    DECODER_REGISTRY,
+    DROPPED_CLASS_LOGIT,
+    SegmentationDecoder,
+    scatter_selected_classes,
+)
+from .cost_aggregation import _check_int_pair, _check_positive
 
 # Initial inverse temperature of the dense prior's softmax over classes: the upper bound of
 # CLIP's learned logit scale (open_clip 3.3.0's training loop clamps it at ln 100), so that the
@@ -246,7 +251,7 @@ class SAMMaskDecoder(SegmentationDecoder):
         )
         cost = torch.gather(cost, 1, selected[:, :, None, None].expand(-1, -1, *cost.shape[-2:]))
         logits = self._decode_classes(image_embeds, cost, class_embeds, coarse, fine)
-        return _scatter_classes(logits, selected, num_classes)
+        return scatter_selected_classes(logits, selected, num_classes)
 
     def select_classes(self, cost: torch.Tensor) -> Optional[torch.Tensor]:
         """Return the B x class_budget indices, ascending, of each image's classes of highest
@@ -372,17 +377,3 @@ class SAMMaskDecoder(SegmentationDecoder):
                     f"{tuple(image_embeds.shape)}, got {tuple(tensor.shape)}"
                 )
         return guidance[1], guidance[2]
-
-
-def _scatter_classes(
-    logits: torch.Tensor, selected: torch.Tensor, num_classes: int
-) -> torch.Tensor:
-    """Place the B x K x H x W logits of the B x K ``selected`` classes on a B x T x H x W
-    canvas whose other classes get ``DROPPED_CLASS_LOGIT``, in float32 or wider."""
-    batch_size, _, height, width = logits.shape
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    canvas = logits.new_full(
-        (batch_size, num_classes, height, width), DROPPED_CLASS_LOGIT, dtype=dtype
-    )
-    index = selected[:, :, None, None].expand(-1, -1, height, width)
-    return canvas.scatter(1, index, logits.to(dtype))
