@@ -49,6 +49,10 @@ BENCHMARKS = ("whole", "sliding", "all")
 # threads), which other processes on a shared machine disturb less than the wall clock.
 PARTS = ("total", "text", "image", "decoder", "other", "cpu")
 TIMED_PARTS = ("text", "image", "decoder")
+# With this variable at 1, PyTorch's CPU allocator asks Linux for transparent huge pages for its
+# large allocations. Writing a fresh T x H x W output then costs far fewer page faults.
+HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"
+THP_SYSFS = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 # Word lists for generated class names. 40 modifiers x 45 nouns give 1,800 distinct names,
 # enough to pad the real names to the 1,763 of the open-world vocabulary.
@@ -362,22 +366,38 @@ def sliding_label_map(
     Returns:
         H x W int16 labels, the argmax over the T classes of the averaged window scores.
     """
-    from skysense_o.modeling.inference import sliding_window_scores
+    from skysense_o.modeling.inference import (
+        padded_length,
+        score_downsample_factor,
+        sliding_window_scores,
+    )
 
     height, width = image.shape[-2:]
+    factor = score_downsample_factor(window, stride, model.score_side)
+    cell = window // factor
+    if (padded_length(height, window, factor), padded_length(width, window, factor)) != (
+            height, width):
+        # The model pads with zeros after normalising, which a uint8 image cannot hold.
+        raise ValueError(
+            f"a {height} x {width} image does not tile on the {factor}-pixel score grid of "
+            f"window {window} and stride {stride}; choose a size whose excess over the window "
+            f"is a multiple of {factor}"
+        )
     labels = torch.empty(height, width, dtype=torch.int16)
 
     def predict(crops: torch.Tensor) -> torch.Tensor:
         # Crops arrive as uint8, so only one batch of windows is ever held in float.
         probs = model.predict_window_scores(model.normalize(crops), text_embeds)
-        return F.interpolate(probs, size=crops.shape[-2:], mode="bilinear", align_corners=False)
+        if probs.shape[-2:] == (cell, cell):
+            return probs
+        return F.interpolate(probs, size=(cell, cell), mode="bilinear", align_corners=False)
 
     def keep_argmax(row_start: int, row_end: int, scores: torch.Tensor) -> None:
         labels[row_start:row_end] = scores.argmax(dim=0).to(torch.int16)
 
     sliding_window_scores(
         image[None], predict, num_classes=text_embeds.shape[0], window=window, stride=stride,
-        batch_size=batch_size, emit_rows=keep_argmax,
+        batch_size=batch_size, emit_rows=keep_argmax, score_downsample=factor,
     )
     return labels
 
@@ -465,7 +485,16 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "transparent_hugepage": _read_text(THP_SYSFS),
+        HUGE_PAGES_VARIABLE: os.environ.get(HUGE_PAGES_VARIABLE),
     }
+
+
+def _read_text(path: Path) -> Optional[str]:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
 
 
 @dataclass
@@ -636,6 +665,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="MODEL.DEVICE of the benchmarked model")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per worker; 0 keeps torch's default")
+    parser.add_argument(
+        "--huge-pages", choices=("on", "off", "inherit"), default="on",
+        help=f"set {HUGE_PAGES_VARIABLE}=1 (on) or unset it (off) in the worker processes, "
+             "or keep this shell's value (inherit)",
+    )
     parser.add_argument("--json", help="also write every measurement to this JSON file")
     parser.add_argument("--verbose", action="store_true", help="log at INFO level")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
@@ -690,7 +724,9 @@ def report(results: BenchResults) -> List[str]:
         f"machine: {machine['cpu']} (family {machine['cpu_family']}, model "
         f"{machine['cpu_model']}), {machine['cpus_usable']} usable CPUs, torch "
         f"{machine['torch']}, {machine['torch_threads']} threads, load average "
-        f"{machine['load_average']} at start and {results.load_average_end} at end",
+        f"{machine['load_average']} at start and {results.load_average_end} at end, "
+        f"transparent huge pages {machine.get('transparent_hugepage')}, "
+        f"{HUGE_PAGES_VARIABLE}={machine.get(HUGE_PAGES_VARIABLE)}",
     ]
     if results.whole:
         lines += ["", "whole image (seconds per image; parts are warm medians)"]
@@ -708,6 +744,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # Spawned workers copy this environment, and PyTorch reads the variable at start-up.
+    if args.huge_pages == "on":
+        os.environ[HUGE_PAGES_VARIABLE] = "1"
+    elif args.huge_pages == "off":
+        os.environ.pop(HUGE_PAGES_VARIABLE, None)
     results = run_benchmarks(args)
     print("\n".join(report(results)))
     if args.json:

@@ -34,7 +34,14 @@ from skysense_o import add_skysense_o_config
 from skysense_o.checkpoint import SkySenseOCheckpointer
 from skysense_o.data.datasets.register_benchmarks import CLASS_LISTS_DIR, load_class_list
 from skysense_o.data.graph import canonical_name, load_graph
-from skysense_o.modeling.inference import expand_with_synonyms, sliding_window_scores
+from skysense_o.modeling.inference import (
+    RowResizer,
+    expand_with_synonyms,
+    interpolate_rows,
+    padded_length,
+    sliding_window_scores,
+    source_rows,
+)
 from skysense_o.release import build_model_for_inference
 from skysense_o.utils.weights import CheckpointMismatchError
 
@@ -210,89 +217,6 @@ def parse_class_names(
 
 
 # ---- streaming resize ----------------------------------------------------------------------
-
-
-def _source_rows(source_length: int, output_length: int) -> Tuple[np.ndarray, ...]:
-    """Return, per output row, the two source rows and the weight of the second one.
-
-    This is the index arithmetic of ``F.interpolate(mode="bilinear", align_corners=False)``
-    along one axis, in float32 as PyTorch's CPU kernel computes it.
-    """
-    scale = np.float32(source_length / output_length)
-    position = (np.arange(output_length, dtype=np.float32) + np.float32(0.5)) * scale
-    position = np.maximum(position - np.float32(0.5), np.float32(0.0))
-    low = position.astype(np.int64)
-    high = np.minimum(low + 1, source_length - 1)
-    return low, high, position - low.astype(np.float32)
-
-
-def _interpolate_rows(
-    source: torch.Tensor, source_top: int, rows: Tuple[np.ndarray, ...], output_width: int
-) -> torch.Tensor:
-    """Bilinearly interpolate output rows from a block of source rows.
-
-    Args:
-        source: T x n x w source rows, starting at source row ``source_top``.
-        rows: the (low, high, weight) arrays of ``_source_rows`` for the wanted output rows.
-        output_width: W, the output width.
-
-    Returns:
-        T x len(rows[0]) x W scores.
-    """
-    low, high, weight = rows
-    low_rows = source[:, torch.as_tensor(low - source_top, device=source.device)]
-    high_rows = source[:, torch.as_tensor(high - source_top, device=source.device)]
-    weight = torch.as_tensor(weight, dtype=source.dtype, device=source.device).view(1, -1, 1)
-    blended = low_rows * (1 - weight) + high_rows * weight
-    if blended.shape[-1] == output_width:
-        return blended
-    # T x rows x w is read as N x C x L, so "linear" interpolates along the width alone.
-    return F.interpolate(blended, size=output_width, mode="linear", align_corners=False)
-
-
-class _RowResizer:
-    """Bilinearly resize T x H x W scores that arrive in consecutive blocks of rows.
-
-    The result matches ``F.interpolate(mode="bilinear", align_corners=False)`` of the whole
-    volume up to float rounding, but only the source rows that later output rows still need
-    are kept.
-    """
-
-    def __init__(self, source_size: Tuple[int, int], output_size: Tuple[int, int],
-                 emit_rows: ScoreRowsCallback):
-        self.output_size = output_size
-        self.identity = tuple(source_size) == tuple(output_size)
-        self.rows = _source_rows(source_size[0], output_size[0])
-        self.emit_rows = emit_rows
-        self.buffer: Optional[torch.Tensor] = None
-        self.buffer_top = 0
-        self.next_row = 0
-
-    def push(self, scores: torch.Tensor) -> None:
-        """Add the next T x n x w block of source rows and emit every output row it completes."""
-        if self.identity:
-            end = self.next_row + scores.shape[1]
-            self.emit_rows(self.next_row, end, scores)
-            self.next_row = end
-            return
-        buffer = scores if self.buffer is None else torch.cat([self.buffer, scores], dim=1)
-        available = self.buffer_top + buffer.shape[1]
-        low, high, weight = self.rows
-
-        # Output rows are ready once their lower source row has arrived.
-        end = int(np.searchsorted(high, available, side="left"))
-        if end > self.next_row:
-            selected = slice(self.next_row, end)
-            rows = (low[selected], high[selected], weight[selected])
-            resized = _interpolate_rows(buffer, self.buffer_top, rows, self.output_size[1])
-            self.emit_rows(self.next_row, end, resized)
-            self.next_row = end
-
-        # Keep only the source rows from the first one that a later output row reads. When
-        # that row has not arrived yet, the buffer is emptied and stays aligned with the input.
-        keep_from = min(int(low[end]), available) if end < len(low) else available
-        self.buffer = buffer[:, keep_from - self.buffer_top :]
-        self.buffer_top = keep_from
 
 
 # ---- the predictor -------------------------------------------------------------------------
@@ -495,8 +419,9 @@ class Predictor:
 
         ``emit_rows(row_start, row_end, scores)`` receives T x rows x W probabilities on the
         model's device for consecutive row ranges that cover the image once, top to bottom.
-        In sliding-window mode, no more than a window's height of rows is held at a time, at the
-        model's input scale, so memory grows with the window and the image width.
+        In sliding-window mode, scores are averaged on a grid as coarse as the decoder's
+        output, and no more than a window's height of its rows is held at a time, so memory
+        grows with the window and the image width.
 
         NOTE: the whole-image mode and the global view (``INFERENCE.GLOBAL_WEIGHT``) also
         keep the normalised image, 3 x H x W float32 at the model's input scale.
@@ -563,19 +488,22 @@ class Predictor:
 
     def _predict_whole(self, image, text_embeds, synonym_groups, output_size, emit_rows):
         scores = self._global_scores(image, text_embeds, synonym_groups)
-        rows = _source_rows(scores.shape[1], output_size[0])
+        rows = source_rows(scores.shape[1], output_size[0])
         block = max(1, self.model.window)
         for start in range(0, output_size[0], block):
             selected = slice(start, min(start + block, output_size[0]))
             block_rows = tuple(values[selected] for values in rows)
             emit_rows(selected.start, selected.stop,
-                      _interpolate_rows(scores, 0, block_rows, output_size[1]))
+                      interpolate_rows(scores, 0, block_rows, output_size[1]))
 
     def _predict_sliding(self, image, text_embeds, synonym_groups, output_size, emit_rows):
         model = self.model
         height, width = image.shape[-2:]
         num_classes = len(synonym_groups) if synonym_groups else text_embeds.shape[0]
-        source = _pad_to_window(image, model.window)
+        factor = model.sliding_downsample()
+        cell = model.window // factor
+        source = _pad_for_windows(image, padded_length(height, model.window, factor),
+                                  padded_length(width, model.window, factor))
 
         def predict(crops: torch.Tensor) -> torch.Tensor:
             normalized = model.normalize(crops[:, :3])
@@ -583,8 +511,9 @@ class Predictor:
                 # Padding is zero after normalisation, as in the model's own sliding mode.
                 normalized = torch.where(crops[:, 3:4].bool(), normalized, 0.0)
             probs = model.predict_window_scores(normalized, text_embeds, synonym_groups)
-            return F.interpolate(probs, size=crops.shape[-2:], mode="bilinear",
-                                 align_corners=False)
+            if probs.shape[-2:] == (cell, cell):
+                return probs
+            return F.interpolate(probs, size=(cell, cell), mode="bilinear", align_corners=False)
 
         emit = emit_rows
         if model.global_weight > 0:
@@ -592,7 +521,7 @@ class Predictor:
                 self._global_scores(image, text_embeds, synonym_groups),
                 model.global_weight, output_size, emit_rows,
             )
-        resizer = _RowResizer((height, width), output_size, emit)
+        resizer = RowResizer((height, width), output_size, emit)
 
         def collect(row_start: int, row_end: int, scores: torch.Tensor) -> None:
             # Drop the padding below and to the right of the image.
@@ -603,34 +532,34 @@ class Predictor:
         sliding_window_scores(
             source, predict, num_classes=num_classes, window=model.window,
             stride=model.stride, batch_size=model.window_batch, emit_rows=collect,
+            score_downsample=factor,
         )
         assert resizer.next_row == output_size[0], "the sliding window left rows unset"
 
 
-def _pad_to_window(image: torch.Tensor, window: int) -> torch.Tensor:
-    """Return 1 x C x H' x W' with H', W' >= ``window``.
+def _pad_for_windows(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Return the 3 x h x w ``image`` as 1 x C x ``height`` x ``width``.
 
-    An image at least as large as the window is returned as 1 x 3 x H x W. A smaller one is
-    padded at the bottom and right and gets a fourth channel that is 1 on image pixels, so the
-    window predictor can zero the padding after normalising.
+    An image of that size is returned as 1 x 3 x h x w. A smaller one is padded at the bottom
+    and right and gets a fourth channel that is 1 on image pixels, so the window predictor can
+    zero the padding after normalising.
     """
-    height, width = image.shape[-2:]
-    if height >= window and width >= window:
+    if tuple(image.shape[-2:]) == (height, width):
         return image[None]
-    padded = image.new_zeros(1, 4, max(height, window), max(width, window))
-    padded[0, :3, :height, :width] = image
-    padded[0, 3, :height, :width] = 1
+    padded = image.new_zeros(1, 4, height, width)
+    padded[0, :3, : image.shape[-2], : image.shape[-1]] = image
+    padded[0, 3, : image.shape[-2], : image.shape[-1]] = 1
     return padded
 
 
 def _blend_global_view(global_scores: torch.Tensor, weight: float,
                        output_size: Tuple[int, int], emit_rows: ScoreRowsCallback):
     """Wrap ``emit_rows`` so that each block is averaged with the global view's rows."""
-    rows = _source_rows(global_scores.shape[1], output_size[0])
+    rows = source_rows(global_scores.shape[1], output_size[0])
 
     def emit(row_start: int, row_end: int, scores: torch.Tensor) -> None:
         block_rows = tuple(values[row_start:row_end] for values in rows)
-        whole = _interpolate_rows(global_scores, 0, block_rows, output_size[1])
+        whole = interpolate_rows(global_scores, 0, block_rows, output_size[1])
         emit_rows(row_start, row_end, (1 - weight) * scores + weight * whole)
 
     return emit

@@ -13,7 +13,13 @@ from torch import nn
 
 from .backbone.base import VisionLanguageBackbone, build_vl_backbone
 from .decoder.base import SegmentationDecoder, build_decoder
-from .inference import expand_with_synonyms, merge_synonym_scores, sliding_window_scores
+from .inference import (
+    expand_with_synonyms,
+    merge_synonym_scores,
+    padded_length,
+    score_downsample_factor,
+    sliding_window_scores,
+)
 from .losses import (
     SkySenseOCriterion,
     graph_weight_matrix,
@@ -71,12 +77,14 @@ def _resize(scores: torch.Tensor, size, crop=None) -> torch.Tensor:
     constant = flat.amax(dim=1) == flat.amin(dim=1)
     if not bool(constant.any()):
         return F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+    # One broadcast copy writes every channel at memory speed, which a masked assignment does
+    # not. The few varying channels are then overwritten with their resize.
     resized = scores.new_empty(scores.shape[0], *size)
-    resized[constant] = flat[constant, :1, None].expand(-1, *size)
-    varying = ~constant
-    if bool(varying.any()):
-        resized[varying] = F.interpolate(scores[varying][None], size=size, mode="bilinear",
-                                         align_corners=False)[0]
+    resized.copy_(flat[:, :1, None].expand(-1, *size))
+    varying = torch.nonzero(~constant).squeeze(1)
+    if varying.numel():
+        resized.index_copy_(0, varying, F.interpolate(
+            scores[varying][None], size=size, mode="bilinear", align_corners=False)[0])
     return resized
 
 
@@ -460,27 +468,42 @@ class SkySenseO(nn.Module):
         valid = [max(1, round(height * scale)), max(1, round(width * scale))]
         return _resize(probs[:, : valid[0], : valid[1]], output_size)
 
+    @property
+    def score_side(self) -> int:
+        """Side of the score map the decoder predicts for one backbone input (4 x the grid)."""
+        return 4 * (self.image_size // self.backbone.dense_stride)
+
+    def sliding_downsample(self) -> int:
+        """Return the factor by which the sliding window keeps its averaged scores below full size."""
+        return score_downsample_factor(self.window, self.stride, self.score_side)
+
     def sliding_scores(self, image: torch.Tensor, text_embeds, synonym_groups=None) -> torch.Tensor:
         """Average class probabilities over overlapping windows.
 
         Returns T x H x W probabilities at the size of ``image`` (3 x H x W, normalised).
         """
         height, width = image.shape[-2:]
-        padded = F.pad(image[None], (0, max(0, self.window - width),
-                                     0, max(0, self.window - height)))
+        factor = self.sliding_downsample()
+        padded = F.pad(image[None], (0, padded_length(width, self.window, factor) - width,
+                                     0, padded_length(height, self.window, factor) - height))
         num_classes = len(synonym_groups) if synonym_groups else text_embeds.shape[0]
-        canvas = torch.empty(num_classes, *padded.shape[-2:], device=image.device)
+        canvas = torch.empty(num_classes, height, width, device=image.device)
+        cell = self.window // factor
 
         def predict(crops: torch.Tensor) -> torch.Tensor:
             probs = self.predict_window_scores(crops, text_embeds, synonym_groups)
-            return F.interpolate(probs, size=crops.shape[-2:], mode="bilinear",
-                                 align_corners=False)
+            if probs.shape[-2:] == (cell, cell):
+                return probs
+            return F.interpolate(probs, size=(cell, cell), mode="bilinear", align_corners=False)
 
         def store(row_start: int, row_end: int, rows: torch.Tensor) -> None:
-            canvas[:, row_start:row_end] = rows
+            # Rows and columns past the image are padding.
+            row_end = min(row_end, height)
+            if row_end > row_start:
+                canvas[:, row_start:row_end] = rows[:, : row_end - row_start, :width]
 
         sliding_window_scores(
             padded, predict, num_classes=num_classes, window=self.window, stride=self.stride,
-            batch_size=self.window_batch, emit_rows=store,
+            batch_size=self.window_batch, emit_rows=store, score_downsample=factor,
         )
-        return canvas[:, :height, :width]
+        return canvas

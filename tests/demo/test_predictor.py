@@ -10,7 +10,6 @@ from detectron2.data import transforms as T
 
 from predictor import (
     Predictor,
-    _RowResizer,
     check_class_names,
     label_dtype,
     parse_class_names,
@@ -175,25 +174,6 @@ def test_open_world_file_is_a_class_list():
 
 
 # ---- streaming resize and label types ------------------------------------------------------
-
-
-@pytest.mark.parametrize("output_size", [(100, 71), (20, 13), (37, 29), (5, 90)])
-def test_row_resizer_matches_interpolate(output_size):
-    torch.manual_seed(0)
-    source = torch.rand(3, 37, 29)
-    result = torch.full((3, *output_size), float("nan"))
-
-    def store(row_start, row_end, rows):
-        result[:, row_start:row_end] = rows
-
-    resizer = _RowResizer((37, 29), output_size, store)
-    for start in range(0, 37, 7):
-        resizer.push(source[:, start : start + 7])
-    expected = torch.nn.functional.interpolate(
-        source[None], size=output_size, mode="bilinear", align_corners=False
-    )[0]
-    assert resizer.next_row == output_size[0]
-    assert torch.allclose(result, expected, atol=1e-6)
 
 
 def test_label_dtype_by_class_count():
