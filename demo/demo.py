@@ -31,6 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -253,7 +254,8 @@ class DemoSession:
             paths["probabilities"] = self.output_dir / f"{stem}_probabilities.tif"
         return paths
 
-    def _claim_stem(self, source: Path) -> None:
+    def claim_stem(self, source: Path) -> None:
+        """Reserve the output names of ``source``; a second file with its stem is rejected."""
         owner = self.stems.setdefault(source.stem, source.resolve())
         if owner != source.resolve():
             raise ValueError(
@@ -279,7 +281,7 @@ class DemoSession:
                 not be read or predicted; nothing of it is left half written.
         """
         assert self.vocabulary is not None, "class names must be set before images"
-        self._claim_stem(source)
+        self.claim_stem(source)
         targets = self.output_paths(source)
         pending = {k: p for k, p in targets.items() if self.overwrite or not p.exists()}
         if not pending:
@@ -355,15 +357,32 @@ class DemoSession:
 # ---- batch and interactive runs ------------------------------------------------------------
 
 
-def run_batch(session: DemoSession, patterns: Sequence[str]) -> int:
-    """Segment every image of ``patterns``; return the number of images that failed."""
+def run_batch(session: DemoSession, patterns: Sequence[str], state=None) -> int:
+    """Segment every image of ``patterns``; return the number of images that failed.
+
+    Args:
+        state: accelerate's ``PartialState`` when the demo runs in several processes
+            (``accelerate launch``). Each process then segments its share of the files, and
+            only the main process reports the inputs that could not be listed.
+    """
     files, errors = collect_inputs(patterns, session.output_dir)
-    for error in errors:
-        logger.error("Input %s", error)
-    failed = len(errors)
+    is_main = state is None or state.is_main_process
+    failed = 0
+    if is_main:
+        for error in errors:
+            logger.error("Input %s", error)
+        failed = len(errors)
+    if state is not None and state.num_processes > 1:
+        # Every process claims every stem in input order, so they agree on which file of a
+        # repeated stem is written and which one is rejected, whichever process gets it.
+        for source in files:
+            with contextlib.suppress(ValueError):
+                session.claim_stem(source)
+        with state.split_between_processes(files) as share:
+            files = list(share)
     written = skipped = 0
     with logging_redirect_tqdm():
-        for source in tqdm(files, desc="Segmenting", unit="image"):
+        for source in tqdm(files, desc="Segmenting", unit="image", disable=not is_main):
             try:
                 outputs = session.process(source)
             except IMAGE_ERRORS as e:
@@ -375,8 +394,10 @@ def run_batch(session: DemoSession, patterns: Sequence[str]) -> int:
                 logger.info("Wrote %s", ", ".join(str(path) for path in outputs))
             written += bool(outputs)
             skipped += not outputs
-    logger.info("Done: %d images written, %d skipped, %d failed; outputs in %s",
-                written, skipped, failed, session.output_dir)
+    process = "" if state is None or state.num_processes == 1 else \
+        f" by process {state.process_index} of {state.num_processes}"
+    logger.info("Done%s: %d images written, %d skipped, %d failed; outputs in %s",
+                process, written, skipped, failed, session.output_dir)
     return failed
 
 
@@ -441,9 +462,22 @@ def main(args: argparse.Namespace) -> int:
         logger.error("--input needs --texts (%s)", TEXTS_HELP)
         return 2
 
+    # accelerate's process state: a single process unless started by `accelerate launch`
+    # (or torchrun), in which case each process takes a share of the images. Without a GPU,
+    # or with --device cpu, the processes share the CPU (gloo on this machine).
+    on_cpu = not torch.cuda.is_available() or (args.device or "").startswith("cpu")
+    state = PartialState(cpu=on_cpu)
+    if state.num_processes > 1 and not args.input:
+        logger.error("The interactive mode runs in one process; pass --input to split images "
+                     "across the %d processes.", state.num_processes)
+        return 2
+    device = args.device
+    if device is None and state.num_processes > 1:
+        # One device per process: its own GPU, or the CPU.
+        device = str(state.device)
     try:
         predictor = Predictor(args.config, opts=args.opts, weights=args.weights,
-                              device=args.device)
+                              device=device)
     except (FileNotFoundError, ValueError, CheckpointMismatchError) as e:
         logger.error("Failed to build the model: %s", e)
         return 2
@@ -455,7 +489,7 @@ def main(args: argparse.Namespace) -> int:
         probabilities=args.probabilities, overwrite=args.overwrite,
     )
     if args.input:
-        failed = run_batch(session, args.input)
+        failed = run_batch(session, args.input, state)
     else:
         failed = run_interactive(session, graph_file)
     if not predictor.has_weights:

@@ -342,3 +342,91 @@ def test_interactive_mode_reads_stdin(checkpoint, samples_dir, tmp_path):
     labels = np.asarray(Image.open(output / "crop_labels.png"))
     assert labels.shape == (80, 80)
     assert set(np.unique(labels).tolist()) == {0}
+
+
+# ---- several processes ------------------------------------------------------------------------
+
+
+class TwoProcessState:
+    """Stands in for accelerate's PartialState as process ``index`` of two."""
+
+    num_processes = 2
+
+    def __init__(self, index):
+        self.process_index = index
+        self.is_main_process = index == 0
+
+    def split_between_processes(self, items):
+        # The first process takes the first half (rounded up), as accelerate does.
+        half = (len(items) + 1) // 2
+        share = items[:half] if self.is_main_process else items[half:]
+        return _Share(share)
+
+
+class _Share:
+    def __init__(self, items):
+        self.items = items
+
+    def __enter__(self):
+        return self.items
+
+    def __exit__(self, *exc_info):
+        return False
+
+
+def test_processes_share_images_and_agree_on_stems(predictor, samples_dir, tmp_path, caplog):
+    # Two files share the stem "tile". Whichever process gets the second one must reject it,
+    # and each image is written by exactly one process.
+    inputs = tmp_path / "in"
+    (inputs / "a").mkdir(parents=True)
+    (inputs / "b").mkdir()
+    sources = [
+        _write_crop(samples_dir / "demo" / "neon_osbs_029.png", inputs / "a" / "tile.png"),
+        _write_crop(samples_dir / "demo" / "neon_soap_031.png", inputs / "a" / "other.png"),
+        _write_crop(samples_dir / "demo" / "neon_soap_031.png", inputs / "b" / "tile.png"),
+    ]
+    patterns = [str(path) for path in sources]
+    failures = []
+    with caplog.at_level(logging.INFO):
+        for index in (0, 1):
+            session = _session(predictor, tmp_path / "out")
+            failures.append(demo.run_batch(session, patterns, TwoProcessState(index)))
+
+    assert failures == [0, 1]
+    written = sorted(path.name for path in (tmp_path / "out").glob("*_labels.png"))
+    assert written == ["other_labels.png", "tile_labels.png"]
+    assert "same file stem 'tile'" in caplog.text
+    assert "by process 0 of 2: 2 images written" in caplog.text
+    assert "by process 1 of 2: 0 images written, 0 skipped, 1 failed" in caplog.text
+
+
+def test_torchrun_splits_images_across_processes(checkpoint, samples_dir, tmp_path):
+    # A real two-process launch on this machine (gloo on the loopback interface): each
+    # process segments one of the two images.
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in DEMO_IMAGES[:2]:
+        _write_crop(samples_dir / "demo" / name, inputs / name)
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               str(REPO_ROOT / "demo" / "demo.py"), "--input", str(inputs),
+               "--texts", ",".join(NAMES), "--output", str(output),
+               "--weights", str(checkpoint), "--opts", *TINY_OPTS, *SMALL_INPUT_OPTS]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                               cwd=tmp_path, env=env)
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "by process 0 of 2: 1 images written" in completed.stderr
+    assert "by process 1 of 2: 1 images written" in completed.stderr
+    for name in DEMO_IMAGES[:2]:
+        assert (output / f"{Path(name).stem}_labels.png").is_file()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
