@@ -24,7 +24,13 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import (
+    DefaultTrainer,
+    default_argument_parser,
+    default_setup,
+    hooks,
+    launch,
+)
 from detectron2.evaluation import DatasetEvaluators, inference_on_dataset, print_csv_format
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -36,6 +42,7 @@ from skysense_o.checkpoint import SkySenseOCheckpointer
 from skysense_o.data.dataset_mappers import MAPPER_REGISTRY
 from skysense_o.data.dataset_mappers.robust import SkipBadSamples
 from skysense_o.engine import merge_overrides
+from skysense_o.engine.weight_averaging import CHECKPOINT_KEY, WeightAveraging, start_iteration
 from skysense_o.evaluation import build_evaluator
 from skysense_o.evaluation.baseline import evaluate_majority_baseline
 from skysense_o.evaluation.visualization_writer import VisualizationWriter
@@ -112,17 +119,38 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer with SkySense-O's mappers, evaluator, optimizer and checkpointer."""
 
     def __init__(self, cfg: CfgNode):
+        self.weight_averaging = None
         super().__init__(cfg)
         # Replace the default checkpointer with the safe, strict and atomic one, keeping the
         # object it saves besides the model (this trainer, see state_dict) and the hooks that
-        # use it.
+        # use it. The running weight average is saved with it, so --resume continues it.
+        checkpointables = dict(self.checkpointer.checkpointables)
+        if self.weight_averaging is not None:
+            checkpointables[CHECKPOINT_KEY] = self.weight_averaging.averaged
         self.checkpointer = SkySenseOCheckpointer(
             self._trainer.model, cfg.OUTPUT_DIR, strict=cfg.MODEL.SKYSENSE_O.WEIGHTS_STRICT,
-            **self.checkpointer.checkpointables,
+            **checkpointables,
         )
         for hook in self._hooks:
             if hasattr(hook, "checkpointer"):
                 hook.checkpointer = self.checkpointer
+
+    def build_hooks(self) -> List[hooks.HookBase]:
+        """Detectron2's hooks, with weight averaging (when enabled) before the checkpointer."""
+        hook_list = super().build_hooks()
+        average = self.cfg.SOLVER.WEIGHT_AVERAGE
+        if not average.ENABLED:
+            return hook_list
+        max_iter = self.cfg.SOLVER.MAX_ITER
+        self.weight_averaging = WeightAveraging(
+            self.model, start_iter=start_iteration(average.START_FRACTION, max_iter),
+            period=average.PERIOD, max_iter=max_iter,
+        )
+        # The average must be in the model when the checkpointer writes model_final.
+        position = next((index for index, hook in enumerate(hook_list)
+                         if isinstance(hook, hooks.PeriodicCheckpointer)), len(hook_list))
+        hook_list.insert(position, self.weight_averaging)
+        return hook_list
 
     def state_dict(self) -> Dict[str, Any]:
         """Return the iteration, the hooks' state (the LR scheduler) and the optimizer's state."""

@@ -246,3 +246,11 @@ def add_skysense_o_config(cfg: CN) -> None:
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.01
     cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+    # Stochastic weight averaging: train_net.py averages the weights from the iteration at
+    # START_FRACTION (0..1) of SOLVER.MAX_ITER on, every PERIOD iterations and after the last
+    # one. It loads that uniform average into the model before it writes model_final.pth and
+    # evaluates. A fraction, not an iteration, so that a shorter SOLVER.MAX_ITER still works.
+    cfg.SOLVER.WEIGHT_AVERAGE = CN()
+    cfg.SOLVER.WEIGHT_AVERAGE.ENABLED = False
+    cfg.SOLVER.WEIGHT_AVERAGE.START_FRACTION = 0.5
+    cfg.SOLVER.WEIGHT_AVERAGE.PERIOD = 10

@@ -318,6 +318,31 @@ def test_nan_weights_never_saved(tmp_path, train_name, one_thread, monkeypatch):
     assert list(tmp_path.glob(".tmp-*")) == []
 
 
+def test_resume_continues_weight_average(tmp_path, train_name, one_thread):
+    # Stop after iteration 2 of 4 (the checkpoint "model_0000001"), then --resume: the final
+    # average must include the two snapshots taken before the stop.
+    averaging = ("SOLVER.WEIGHT_AVERAGE.ENABLED", True,
+                 "SOLVER.WEIGHT_AVERAGE.START_FRACTION", 0.0, "SOLVER.WEIGHT_AVERAGE.PERIOD", 1)
+    first = tmp_path / "first"
+    trainer = train_net.Trainer(tiny_cfg(first, train_name, *averaging, "SOLVER.MAX_ITER", 2))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    stopped = torch.load(first / "model_final.pth", map_location="cpu", weights_only=True)
+    assert int(stopped["weight_average"]["n_averaged"]) == 2
+
+    second = tmp_path / "second"
+    second.mkdir()
+    (second / "model_0000001.pth").write_bytes((first / "model_0000001.pth").read_bytes())
+    (second / "last_checkpoint").write_text("model_0000001.pth")
+    trainer = train_net.Trainer(tiny_cfg(second, train_name, *averaging, "SOLVER.MAX_ITER", 4))
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 2
+    trainer.train()
+
+    final = torch.load(second / "model_final.pth", map_location="cpu", weights_only=True)
+    assert int(final["weight_average"]["n_averaged"]) == 4
+
+
 def test_checkpoint_permissions_follow_umask(tmp_path):
     checkpointer = SkySenseOCheckpointer(torch.nn.Linear(2, 2), str(tmp_path))
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VAL_DATASET = "skysense_quickstart_val_dubai_aerial"
@@ -58,7 +59,10 @@ def run_train_net(datasets_root, output_dir, *arguments):
 def test_train_then_eval_only_reproduces_metrics(datasets_root, tmp_path):
     output_dir = tmp_path / "run"
 
-    trained = run_train_net(datasets_root, output_dir)
+    # Weight averaging over all 3 iterations: model_final must hold the average.
+    trained = run_train_net(datasets_root, output_dir, "SOLVER.WEIGHT_AVERAGE.ENABLED", "True",
+                            "SOLVER.WEIGHT_AVERAGE.START_FRACTION", "0.0",
+                            "SOLVER.WEIGHT_AVERAGE.PERIOD", "1")
     weights = output_dir / "model_final.pth"
     summary = json.loads((output_dir / "results_summary.json").read_text())
     reevaluated = run_train_net(datasets_root, tmp_path / "eval", "--eval-only",
@@ -80,6 +84,12 @@ def test_train_then_eval_only_reproduces_metrics(datasets_root, tmp_path):
         "dubai_t4_006_color.png", "dubai_t4_006_overlay.png",
     ]
     assert "Results across datasets" in reevaluated.stdout + reevaluated.stderr
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    average = checkpoint["weight_average"]
+    assert int(average["n_averaged"]) == 3
+    for key, value in checkpoint["model"].items():
+        assert torch.equal(average[f"module.{key}"], value), key
+    assert "average of 3 weight snapshots" in trained.stdout + trained.stderr
 
 
 def test_unknown_config_key_is_rejected(datasets_root, tmp_path):
