@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from skysense_o.data.graph import load_graph
 from skysense_o.utils.image_io import read_label
 
 TOOLS_DIR = Path(__file__).resolve().parents[2] / "tools"
+QUICKSTART_GRAPH = TOOLS_DIR.parent / "datasets" / "graphs" / "quickstart_graph.jsonl"
 
 VAL_DUBAI = "skysense_quickstart_val_dubai_aerial"
 VAL_LOVEDA = "skysense_quickstart_val_loveda"
@@ -63,6 +65,19 @@ def test_prepare_and_load(tool, samples_dir, datasets_root):
     assert MetadataCatalog.get(VAL_LOVEDA).stuff_classes[-1] == "agriculture"
     original = read_label(samples_dir / "loveda" / "labels" / "loveda_1.png")
     assert (read_label(val_loveda[0]["sem_seg_file_name"]) == original).all()
+
+
+def test_quickstart_graph_covers_sample_classes(samples_dir):
+    graph = load_graph(QUICKSTART_GRAPH)
+    hyper = (1, 3, 9, 10)
+    # Every class of the three sample datasets is a node.
+    for dataset in ("dubai_aerial", "loveda", "isprs_potsdam"):
+        classes = json.loads((samples_dir / dataset / "classes.json").read_text())["classes"]
+        assert all(name in graph for name in classes), dataset
+    # Names for the same ground cover in different datasets are never each other's negatives.
+    assert graph.positives("road", hyper) == {"impervious surfaces"}
+    assert graph.positives("vegetation", hyper) == {"low vegetation", "tree", "forest"}
+    assert "water" in graph.negatives("building", hyper)
 
 
 def test_second_run_is_noop(tool, samples_dir, datasets_root, capsys):
