@@ -120,6 +120,18 @@ def test_sliding_equals_whole_when_one_window_covers_image():
     assert torch.allclose(actual, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("decoder", ["CostAggregationDecoder", "SAMMaskDecoder"])
+def test_score_side_is_decoder_output_side(decoder):
+    # The sliding window sizes its coarse score grid from score_side, so it must be the side
+    # that the decoder really predicts.
+    model = build("MODEL.SKYSENSE_O.DECODER.NAME", decoder).eval()
+    with torch.no_grad():
+        embeds = model.text_embedder.embed(model.backbone, ["building", "road"])
+        side = model.image_size
+        probs = model.predict_window_scores(torch.zeros(1, 3, side, side), embeds)
+    assert probs.shape == (1, 2, model.score_side, model.score_side)
+
+
 def test_sliding_window_covers_large_image():
     model = build("MODEL.SKYSENSE_O.INFERENCE.MODE", "sliding").eval()
     inputs = [{"image": random_image(150, 200), "height": 150, "width": 200,
