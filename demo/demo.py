@@ -401,6 +401,15 @@ def run_batch(session: DemoSession, patterns: Sequence[str], state=None) -> int:
     return failed
 
 
+def log_vocabulary(vocabulary: Vocabulary) -> None:
+    """Log the class names in use (the first 20 of a long list)."""
+    names = vocabulary.names
+    listed = ", ".join(names[:20])
+    if len(names) > 20:
+        listed += f", ... ({len(names) - 20} more)"
+    logger.info("Segmenting with %d classes: %s", len(names), listed)
+
+
 def _ask(prompt: str) -> Optional[str]:
     """Return the next line typed after ``prompt``, or None on end of input or an empty line."""
     try:
@@ -424,8 +433,7 @@ def run_interactive(session: DemoSession, graph_file: str) -> int:
             session.vocabulary = parse_class_names(text, graph_file=graph_file)
         except ValueError as e:
             logger.error("%s", e)
-    logger.info("Segmenting with %d classes: %s", len(session.vocabulary.names),
-                ", ".join(session.vocabulary.names[:20]))
+    log_vocabulary(session.vocabulary)
     failed = 0
     while True:
         text = _ask("Image path (a file, folder or quoted glob pattern; empty line quits): ")
@@ -458,6 +466,7 @@ def main(args: argparse.Namespace) -> int:
         except ValueError as e:
             logger.error("Invalid --texts: %s", e)
             return 2
+        log_vocabulary(vocabulary)
     elif args.input:
         logger.error("--input needs --texts (%s)", TEXTS_HELP)
         return 2

@@ -17,6 +17,7 @@ comma-separated tokens, and each token is one of:
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,18 @@ def _available_class_lists(class_lists_dir: Path) -> List[str]:
     return sorted(path.stem for path in class_lists_dir.glob("*.json"))
 
 
+def _warn_if_mistyped_list(token: str, class_lists_dir: Path) -> None:
+    """Warn when a free class name looks like a misspelt ``open_world`` or ``<list>_dataset``."""
+    if " " in token or "_" not in token:
+        return
+    known = [OPEN_WORLD] + [name + BENCHMARK_SUFFIX
+                            for name in _available_class_lists(class_lists_dir)]
+    close = difflib.get_close_matches(token.casefold(), known, n=1, cutoff=0.8)
+    if close:
+        logger.warning("%r is used as one class name; did you mean the class list %r?",
+                       token, close[0])
+
+
 def _expand_token(
     token: str, graph_file: str, class_lists_dir: Path
 ) -> Tuple[List[str], List[List[str]]]:
@@ -140,6 +153,7 @@ def _expand_token(
             return names, [[] for _ in names]
         token = OPEN_WORLD + BENCHMARK_SUFFIX
     if not token.casefold().endswith(BENCHMARK_SUFFIX):
+        _warn_if_mistyped_list(token, class_lists_dir)
         return [token], [[]]
 
     benchmark = token[: -len(BENCHMARK_SUFFIX)].casefold()

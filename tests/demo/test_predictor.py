@@ -146,6 +146,17 @@ def test_parse_repeats_merge_synonyms():
         assert set(extra) <= set(merged)
 
 
+def test_parse_warns_on_misspelt_list(caplog):
+    with caplog.at_level(logging.WARNING):
+        vocabulary = parse_class_names("potsdam_datset,open_wrld,solar_panel,road")
+    # Misspelt list names stay class names, but each gets a warning that names the list.
+    assert vocabulary.names == ["potsdam_datset", "open_wrld", "solar_panel", "road"]
+    assert "'potsdam_datset' is used as one class name" in caplog.text
+    assert "'potsdam_dataset'" in caplog.text
+    assert "'open_world'" in caplog.text
+    assert "solar_panel" not in caplog.text
+
+
 @pytest.mark.parametrize(
     "text, shown",
     [
