@@ -276,8 +276,23 @@ def setup(args) -> CfgNode:
     return cfg
 
 
+def check_weights_file(cfg: CfgNode, args) -> None:
+    """Stop with a one-line message when --eval-only is given a MODEL.WEIGHTS file that is
+    missing, before the model is built. URLs and Detectron2's catalog names are left to the
+    checkpointer."""
+    weights = cfg.MODEL.WEIGHTS
+    if not args.eval_only or args.resume or not weights or "://" in weights:
+        return
+    if not os.path.isfile(weights):
+        raise SystemExit(
+            f"MODEL.WEIGHTS {weights} not found: give the path of a checkpoint, such as "
+            "output/quickstart/model_final.pth after the quick start"
+        )
+
+
 def main(args):
     cfg = setup(args)
+    check_weights_file(cfg, args)
     if args.eval_only:
         if cfg.MODEL.SKYSENSE_O.LOW_MEMORY_LOAD and not args.resume:
             model = build_model_for_inference(cfg, cfg.MODEL.WEIGHTS)

@@ -102,3 +102,18 @@ def test_unknown_config_key_is_rejected(datasets_root, tmp_path):
 
     assert completed.returncode != 0
     assert "HIDEN_DIM" in completed.stderr
+
+
+def test_eval_only_missing_weights_is_one_line(datasets_root, tmp_path):
+    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets_root))
+    missing = tmp_path / "model_fnal.pth"
+    completed = subprocess.run(
+        [sys.executable, "train_net.py", "--config-file", "configs/quickstart.yaml",
+         "--eval-only", "MODEL.WEIGHTS", str(missing), "OUTPUT_DIR", str(tmp_path / "eval")],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+    assert completed.returncode == 1
+    assert f"MODEL.WEIGHTS {missing} not found" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
