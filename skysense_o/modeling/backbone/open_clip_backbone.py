@@ -177,7 +177,8 @@ def load_open_clip_checkpoint(model: nn.Module, path: str) -> None:
 
 
 def build_open_clip_model(
-    *, arch: str, pretrained: str = "", checkpoint: str = "", image_size: int
+    *, arch: str, pretrained: str = "", checkpoint: str = "", image_size: int,
+    full_weights_follow: bool = False,
 ) -> nn.Module:
     """Create an open_clip model with a ViT image tower and load its weights.
 
@@ -187,6 +188,8 @@ def build_open_clip_model(
         checkpoint: local weight file, see ``load_open_clip_checkpoint``.
         image_size: side of the square input (pixels) that sets the grid of position
             embeddings. Weights trained at another size are resized to it.
+        full_weights_follow: full-model weights (MODEL.WEIGHTS) will replace these, so random
+            towers are logged at INFO instead of WARNING.
 
     Returns:
         The open_clip model on the CPU, in float32.
@@ -232,7 +235,10 @@ def build_open_clip_model(
     if checkpoint:
         load_open_clip_checkpoint(model, checkpoint)
     elif not load_weights:
-        logger.warning(
+        # With full-model weights on the way, random towers are expected, not a warning sign.
+        level = logging.INFO if full_weights_follow else logging.WARNING
+        logger.log(
+            level,
             "OpenCLIPBackbone %s is built with random weights: neither "
             "MODEL.SKYSENSE_O.BACKBONE.PRETRAINED nor CHECKPOINT is set. Full-model weights "
             "(MODEL.WEIGHTS, --weights) loaded next replace them; without those the model "
@@ -325,6 +331,7 @@ class OpenCLIPBackbone(VisionLanguageBackbone):
             arch=arch,
             pretrained=node.PRETRAINED,
             checkpoint=node.CHECKPOINT,
+            full_weights_follow=bool(cfg.MODEL.WEIGHTS),
             image_size=node.IMAGE_SIZE,
         )
         return {
