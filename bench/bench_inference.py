@@ -398,6 +398,7 @@ def sliding_label_map(
     sliding_window_scores(
         image[None], predict, num_classes=text_embeds.shape[0], window=window, stride=stride,
         batch_size=batch_size, emit_rows=keep_argmax, score_downsample=factor,
+        blend=model.window_blend,
     )
     return labels
 

@@ -546,7 +546,7 @@ class Predictor:
         sliding_window_scores(
             source, predict, num_classes=num_classes, window=model.window,
             stride=model.stride, batch_size=model.window_batch, emit_rows=collect,
-            score_downsample=factor,
+            score_downsample=factor, blend=model.window_blend,
         )
         assert resizer.next_row == output_size[0], "the sliding window left rows unset"
 

@@ -184,6 +184,10 @@ def add_skysense_o_config(cfg: CN) -> None:
     node.INFERENCE.GLOBAL_WEIGHT = 0.0
     # Upper bound on the images per backbone forward in sliding mode.
     node.INFERENCE.WINDOW_BATCH = 4
+    # How overlapping windows are averaged: "uniform" (every window counts the same) or
+    # "tent" (each window's weight falls linearly from its centre towards its edges, which
+    # removes the straight seams where the set of overlapping windows changes).
+    node.INFERENCE.WINDOW_BLEND = "uniform"
     # Autocast dtype at inference: "" (float32), "bfloat16" or "float16". Training uses
     # SOLVER.AMP instead.
     node.INFERENCE.AMP_DTYPE = ""

@@ -151,6 +151,28 @@ def score_downsample_factor(window: int, stride: int, score_side: int) -> int:
     return 1
 
 
+WINDOW_BLENDS = ("uniform", "tent")
+
+
+def window_weights(side: int, blend: str) -> torch.Tensor:
+    """Return the 1 x side x side weight of one window's scores in the overlap average.
+
+    "uniform" weighs every cell 1. "tent" weighs a cell by the product, over rows and
+    columns, of 1 - |2 (i + 0.5) / side - 1|: near 1 at the centre and 1 / side at the
+    edges, never 0, so every covered pixel keeps a positive total weight.
+    """
+    if blend not in WINDOW_BLENDS:
+        raise ValueError(
+            f"invalid window blend {blend!r}; expected one of {WINDOW_BLENDS} "
+            "(MODEL.SKYSENSE_O.INFERENCE.WINDOW_BLEND)"
+        )
+    if blend == "uniform":
+        return torch.ones(1, side, side)
+    centres = (torch.arange(side, dtype=torch.float32) + 0.5) / side
+    tent = 1 - (2 * centres - 1).abs()
+    return (tent[:, None] * tent[None, :])[None]
+
+
 def padded_length(length: int, window: int, score_downsample: int = 1) -> int:
     """Return the smallest length >= ``length`` and >= ``window`` that windows tile on a grid of
     ``score_downsample`` pixels (the last window then starts at a multiple of it)."""
@@ -169,6 +191,7 @@ def sliding_window_scores(
     emit_rows: RowsCallback,
     emit_block_rows: int = 32,
     score_downsample: int = 1,
+    blend: str = "uniform",
 ) -> None:
     """Average window predictions over a large image, streaming finished rows to a callback.
 
@@ -197,6 +220,7 @@ def sliding_window_scores(
         emit_block_rows: the number of image rows passed in one call of ``emit_rows``; with
             d > 1, a block may have up to d rows more or fewer.
         score_downsample: d, from ``score_downsample_factor``; 1 averages at full resolution.
+        blend: how overlapping windows are weighted, see ``window_weights``.
     """
     height, width = image.shape[-2:]
     rows_y = window_positions(height, window, stride)
@@ -216,6 +240,7 @@ def sliding_window_scores(
     grid_height, grid_width = height // factor, width // factor
     scores = torch.zeros(num_classes, cell, grid_width, dtype=torch.float32, device=image.device)
     counts = torch.zeros(1, cell, grid_width, dtype=torch.float32, device=image.device)
+    weights = window_weights(cell, blend).to(image.device)
     resizer = RowResizer((grid_height, grid_width), (height, width), emit_rows)
     block_rows = max(1, emit_block_rows // factor)
     emitted_until = 0
@@ -233,10 +258,11 @@ def sliding_window_scores(
                 )
             for left, prediction in zip(lefts, predictions):
                 grid_left = left // factor
+                weighted = prediction * weights
                 for first, last, offset in _ring_spans(grid_top, grid_top + cell, cell):
-                    rows = prediction[:, offset : offset + last - first]
-                    scores[:, first:last, grid_left : grid_left + cell] += rows
-                    counts[:, first:last, grid_left : grid_left + cell] += 1
+                    rows = slice(offset, offset + last - first)
+                    scores[:, first:last, grid_left : grid_left + cell] += weighted[:, rows]
+                    counts[:, first:last, grid_left : grid_left + cell] += weights[:, rows]
 
         # Grid rows above the next row of windows receive no more predictions: pass them on
         # and clear their buffer rows for the rows that will wrap onto them.

@@ -14,6 +14,7 @@ from torch import nn
 from .backbone.base import VisionLanguageBackbone, build_vl_backbone
 from .decoder.base import SegmentationDecoder, build_decoder
 from .inference import (
+    WINDOW_BLENDS,
     expand_with_synonyms,
     merge_synonym_scores,
     padded_length,
@@ -118,6 +119,7 @@ class SkySenseO(nn.Module):
         stride: int = 256,
         global_weight: float = 0.0,
         window_batch: int = 4,
+        window_blend: str = "uniform",
         retrieval_augmentation: bool = False,
         amp_dtype: str = "",
         region_pooling: str = "embedding",
@@ -153,6 +155,11 @@ class SkySenseO(nn.Module):
                 f"MODEL.SKYSENSE_O.LOSS.REGION_POOLING={region_pooling!r}; expected one of "
                 f"{REGION_POOLING_MODES}"
             )
+        if window_blend not in WINDOW_BLENDS:
+            raise ValueError(
+                f"MODEL.SKYSENSE_O.INFERENCE.WINDOW_BLEND={window_blend!r}; expected one of "
+                f"{WINDOW_BLENDS}"
+            )
         if amp_dtype not in ("", "bfloat16", "float16"):
             raise ValueError(
                 f"MODEL.SKYSENSE_O.INFERENCE.AMP_DTYPE={amp_dtype!r}; expected '', 'bfloat16' "
@@ -172,6 +179,7 @@ class SkySenseO(nn.Module):
         self.stride = stride
         self.global_weight = global_weight
         self.window_batch = window_batch
+        self.window_blend = window_blend
         self.retrieval_augmentation = retrieval_augmentation
         self.amp_dtype = amp_dtype
         self.region_pooling = region_pooling
@@ -236,6 +244,7 @@ class SkySenseO(nn.Module):
             "stride": inference.STRIDE,
             "global_weight": inference.GLOBAL_WEIGHT,
             "window_batch": inference.WINDOW_BATCH,
+            "window_blend": inference.WINDOW_BLEND,
             "retrieval_augmentation": inference.RETRIEVAL_AUGMENTATION,
             "amp_dtype": inference.AMP_DTYPE,
             "region_pooling": loss.REGION_POOLING,
@@ -505,5 +514,6 @@ class SkySenseO(nn.Module):
         sliding_window_scores(
             padded, predict, num_classes=num_classes, window=self.window, stride=self.stride,
             batch_size=self.window_batch, emit_rows=store, score_downsample=factor,
+            blend=self.window_blend,
         )
         return canvas

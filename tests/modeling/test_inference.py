@@ -12,6 +12,7 @@ from skysense_o.modeling.inference import (
     score_downsample_factor,
     sliding_window_scores,
     window_positions,
+    window_weights,
 )
 from skysense_o.modeling.meta_arch import _resize
 
@@ -192,3 +193,35 @@ def test_sliding_window_rejects_bad_geometry():
         sliding_window_scores(torch.zeros(1, 3, 64, 64), coarse_predictor(2), num_classes=2,
                               window=32, stride=16, batch_size=1, emit_rows=emit,
                               score_downsample=4)
+
+
+def test_window_weights_shapes_and_values():
+    uniform = window_weights(4, "uniform")
+    assert torch.equal(uniform, torch.ones(1, 4, 4))
+    tent = window_weights(4, "tent")
+    # 1 - |2 (i + 0.5) / 4 - 1| for i = 0..3 is 0.25, 0.75, 0.75, 0.25.
+    profile = torch.tensor([0.25, 0.75, 0.75, 0.25])
+    assert torch.allclose(tent[0], profile[:, None] * profile[None, :])
+    with pytest.raises(ValueError, match="invalid window blend 'gauss'"):
+        window_weights(4, "gauss")
+
+
+def test_tent_blend_is_weighted_average():
+    # Two windows of 8 on a 1 x 12 strip (rows of 8): the tent-weighted average of two
+    # constant predictions equals the hand-computed weighted mean on every column.
+    image = torch.zeros(1, 1, 8, 12)
+    values = iter([1.0, 3.0])
+
+    def predict(crops):
+        return torch.full((crops.shape[0], 1, 8, 8), next(values))
+
+    rows = []
+    sliding_window_scores(image, predict, num_classes=1, window=8, stride=4, batch_size=1,
+                          emit_rows=lambda start, stop, block: rows.append(block.clone()),
+                          blend="tent")
+    result = torch.cat(rows, dim=1)[0, 0]
+    weight = window_weights(8, "tent")[0, 0]
+    left = torch.cat([weight, torch.zeros(4)])
+    right = torch.cat([torch.zeros(4), weight])
+    expected = (1.0 * left + 3.0 * right) / (left + right)
+    assert torch.allclose(result, expected, atol=1e-6)
