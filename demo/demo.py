@@ -382,7 +382,10 @@ def run_batch(session: DemoSession, patterns: Sequence[str], state=None) -> int:
             files = list(share)
     written = skipped = 0
     with logging_redirect_tqdm():
-        for source in tqdm(files, desc="Segmenting", unit="image", disable=not is_main):
+        # tqdm hides the bar when stderr is not a terminal (disable=None), so logs written to a
+        # file keep one message per line.
+        for source in tqdm(files, desc="Segmenting", unit="image",
+                           disable=None if is_main else True):
             try:
                 outputs = session.process(source)
             except IMAGE_ERRORS as e:
