@@ -49,8 +49,8 @@ BENCHMARKS = ("whole", "sliding", "all")
 # threads), which other processes on a shared machine disturb less than the wall clock.
 PARTS = ("total", "text", "image", "decoder", "other", "cpu")
 TIMED_PARTS = ("text", "image", "decoder")
-# With this variable at 1, PyTorch's CPU allocator asks Linux for transparent huge pages for its
-# large allocations. Writing a fresh T x H x W output then costs far fewer page faults.
+# With this variable at 1, PyTorch's CPU allocator requests transparent huge pages from Linux
+# for its large allocations. Writing a fresh T x H x W output then costs far fewer page faults.
 HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 THP_SYSFS = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
