@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from skysense_o.modeling import inference
 from skysense_o.modeling.inference import (
     RowResizer,
+    bilinear_argmax,
     expand_with_synonyms,
     merge_synonym_scores,
     padded_length,
@@ -69,7 +71,7 @@ def test_resize_fills_constant_channels_exactly():
     scores[1] = 0.25
     scores[3] = torch.sigmoid(torch.tensor(-100.0))
 
-    resized = _resize(scores, (13, 17), crop=(5, 7))
+    resized = _resize(scores[:, :5, :7], (13, 17))
 
     expected = F.interpolate(scores[None, :, :5, :7], size=(13, 17), mode="bilinear",
                              align_corners=False)[0]
@@ -225,3 +227,126 @@ def test_tent_blend_is_weighted_average():
     right = torch.cat([torch.zeros(4), weight])
     expected = (1.0 * left + 3.0 * right) / (left + right)
     assert torch.allclose(result, expected, atol=1e-6)
+
+
+def resized_top(scores, size):
+    resized = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+    return resized, resized.max(dim=0)
+
+
+def assert_same_top_class(scores, size, **options):
+    labels, values = bilinear_argmax(scores, size, **options)
+    resized, (expected_values, expected_labels) = resized_top(scores, size)
+    assert labels.shape == size and labels.dtype == torch.int64
+    assert torch.allclose(values, expected_values, atol=1e-6)
+    # Where the labels differ, the two classes must tie up to float rounding.
+    differ = labels != expected_labels
+    chosen = resized.gather(0, labels[None])[0]
+    assert torch.allclose(chosen[differ], expected_values[differ], atol=1e-6)
+    assert int(differ.sum()) <= max(1, labels.numel() // 1000)
+    return labels
+
+
+def smooth_scores(num_classes, side, seed):
+    """Spatially smooth probabilities, as a decoder predicts them."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, num_classes, 4, 4, generator=generator) * 3
+    return F.interpolate(coarse, size=side, mode="bilinear", align_corners=False)[0].sigmoid()
+
+
+@pytest.mark.parametrize("num_classes, source, size", [
+    (1, (8, 8), (20, 30)), (2, (1, 1), (4, 5)), (40, (16, 12), (61, 47)),
+    (300, (24, 24), (240, 200)), (30, (20, 18), (7, 5)), (9, (5, 9), (5, 9)),
+])
+def test_bilinear_argmax_matches_resized_argmax(num_classes, source, size):
+    scores = smooth_scores(num_classes, source, seed=num_classes)
+
+    assert_same_top_class(scores, size)
+
+
+def test_bilinear_argmax_finds_class_that_tops_no_corner():
+    # Class 2 is second at every corner, yet first halfway between them: the candidates of a
+    # cell must not be limited to the classes that win at its corners.
+    scores = torch.zeros(3, 1, 2)
+    scores[0, 0] = torch.tensor([1.0, 0.0])
+    scores[1, 0] = torch.tensor([0.0, 1.0])
+    scores[2, 0] = torch.tensor([0.9, 0.9])
+
+    labels, values = bilinear_argmax(scores, (1, 8), candidates=1)
+
+    resized = F.interpolate(scores[None], size=(1, 8), mode="bilinear", align_corners=False)[0]
+    assert labels[0].tolist() == resized.argmax(dim=0)[0].tolist()
+    assert labels[0].tolist() == [0, 0, 2, 2, 2, 2, 1, 1]
+    assert values[0, 3].item() == pytest.approx(0.9)
+
+
+def test_bilinear_argmax_breaks_ties_towards_lower_index():
+    scores = torch.full((6, 4, 4), 0.25)
+    scores[[4, 2]] = 0.75
+
+    labels, _ = bilinear_argmax(scores, (9, 7), candidates=2)
+
+    assert torch.all(labels == 2)
+
+
+def test_bilinear_argmax_checks_uncertain_pixels_one_by_one(monkeypatch):
+    calls = []
+    original = inference._argmax_at_pixels
+    monkeypatch.setattr(inference, "_argmax_at_pixels",
+                        lambda *args: calls.append(len(args[3])) or original(*args))
+    scores = smooth_scores(200, (16, 16), seed=3)
+    # Overlapping near-ties in one corner make more than one candidate plausible there.
+    scores[:20, :3, :3] = 0.99 + 0.001 * torch.rand(20, 3, 3)
+
+    assert_same_top_class(scores, (160, 160), candidates=2)
+    assert calls and 0 < calls[0] < 160 * 160
+
+
+def test_bilinear_argmax_falls_back_to_dense_rows_for_flat_scores(monkeypatch):
+    dense_calls = []
+    original = inference._argmax_dense_rows
+    monkeypatch.setattr(inference, "_argmax_dense_rows",
+                        lambda *args: dense_calls.append(len(args[3])) or original(*args))
+    # Independent noise per source value: most classes can win in most cells.
+    scores = torch.rand(60, 10, 10, generator=torch.Generator().manual_seed(0))
+
+    assert_same_top_class(scores, (50, 40), max_block_elements=5000)
+    assert dense_calls
+
+
+def test_bilinear_argmax_rejects_bad_input():
+    with pytest.raises(ValueError, match="T x h x w"):
+        bilinear_argmax(torch.rand(5, 5), (3, 3))
+    with pytest.raises(ValueError, match="T x h x w"):
+        bilinear_argmax(torch.rand(0, 5, 5), (3, 3))
+    with pytest.raises(ValueError, match=r"output size \(0, 3\)"):
+        bilinear_argmax(torch.rand(2, 5, 5), (0, 3))
+
+
+def test_bilinear_argmax_compares_constant_classes_exactly():
+    # Classes above a decoder's class budget are constant; the probability output writes
+    # their value unchanged, and the labels must be its argmax, ties included.
+    scores = smooth_scores(6, (8, 8), seed=5)
+    scores[1] = 0.5
+    scores[4] = 0.5
+    scores[5] = 0.2
+
+    labels, values = bilinear_argmax(scores, (30, 30))
+
+    probabilities = _resize(scores, (30, 30))
+    top_two = probabilities.topk(2, dim=0).values
+    clear = top_two[0] - top_two[1] > 1e-6
+    assert torch.allclose(values, top_two[0], atol=1e-6)
+    assert torch.equal(labels[clear], probabilities.argmax(dim=0)[clear])
+    # Where constant class 1 wins, its value is exact.
+    assert torch.all(values[labels == 1] == 0.5)
+    assert (labels == 1).any() and not (labels == 4).any() and not (labels == 5).any()
+
+
+def test_bilinear_argmax_of_constant_classes_only():
+    scores = torch.tensor([0.1, 0.7, 0.7]).view(3, 1, 1).expand(3, 4, 5)
+
+    labels, values = bilinear_argmax(scores, (9, 11))
+
+    assert torch.all(labels == 1)
+    assert torch.allclose(values, torch.full((9, 11), 0.7))
