@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
-from detectron2.structures import ImageList
 
 from skysense_o import add_skysense_o_config
 from skysense_o.checkpoint import SkySenseOCheckpointer
@@ -37,6 +36,8 @@ from skysense_o.data.datasets.register_benchmarks import CLASS_LISTS_DIR, load_c
 from skysense_o.data.graph import canonical_name, load_graph
 from skysense_o.modeling.inference import (
     RowResizer,
+    bilinear_argmax,
+    blend_rows_with_view,
     expand_with_synonyms,
     interpolate_rows,
     padded_length,
@@ -417,7 +418,16 @@ class Predictor:
             if probabilities is not None:
                 probabilities[:, row_start:row_end] = scores.float().cpu().numpy()
 
-        self.predict_rows(pixels, names, store, synonyms=synonyms, sliding_window=sliding_window)
+        if return_probabilities or self._use_sliding(sliding_window):
+            self.predict_rows(pixels, names, store, synonyms=synonyms,
+                              sliding_window=sliding_window)
+        else:
+            # Labels alone from one view: only the classes that can win in each cell of the
+            # decoder's grid are interpolated, which matters for thousands of names.
+            with torch.no_grad(), self._autocast():
+                tensor, text_embeds, synonym_groups = self._prepare(pixels, names, synonyms)
+                scores = self._global_scores(tensor, text_embeds, synonym_groups)
+                labels[:] = bilinear_argmax(scores, pixels.shape[:2])[0].cpu().numpy()
         return Prediction(labels=labels, class_names=names, probabilities=probabilities)
 
     def predict_rows(
@@ -446,23 +456,30 @@ class Predictor:
         """
         names = check_class_names(class_names)
         pixels = _check_image(image)
-        model = self.model
-        use_sliding = (model.inference_mode == "sliding") if sliding_window is None \
-            else bool(sliding_window)
-
         with torch.no_grad(), self._autocast():
-            all_names, synonym_groups = expand_with_synonyms(names, synonyms)
-            text_embeds = model.text_embedder.embed(model.backbone, all_names)
-            resized = self._resize(pixels)
-            tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-            tensor = tensor.to(model.device)
+            tensor, text_embeds, synonym_groups = self._prepare(pixels, names, synonyms)
             output_size = tuple(pixels.shape[:2])
-            if use_sliding:
+            if self._use_sliding(sliding_window):
                 self._predict_sliding(tensor, text_embeds, synonym_groups, output_size, emit_rows)
             else:
                 self._predict_whole(tensor, text_embeds, synonym_groups, output_size, emit_rows)
 
     # ---- steps ---------------------------------------------------------------------------------
+
+    def _use_sliding(self, sliding_window: Optional[bool]) -> bool:
+        if sliding_window is None:
+            return self.model.inference_mode == "sliding"
+        return bool(sliding_window)
+
+    def _prepare(self, pixels: np.ndarray, names: Sequence[str], synonyms):
+        """Return the resized uint8 image on the model's device, the text embeddings of the
+        names and their synonyms, and the synonym groups."""
+        model = self.model
+        all_names, synonym_groups = expand_with_synonyms(names, synonyms)
+        text_embeds = model.text_embedder.embed(model.backbone, all_names)
+        resized = self._resize(pixels)
+        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        return tensor.to(model.device), text_embeds, synonym_groups
 
     def _autocast(self):
         # The model's forward runs inference under the same autocast setting.
@@ -484,21 +501,7 @@ class Predictor:
         Returns T x h x w probabilities whose bilinear resize to any size equals the model's
         ``whole_scores`` at that size.
         """
-        model = self.model
-        normalized = model.normalize(image)
-        height, width = normalized.shape[-2:]
-        if model.keep_aspect_ratio:
-            # whole_scores ends with a resize of its valid region to the requested size, which
-            # is a no-op at the region's own size.
-            divisor = max(1, model.size_divisibility)
-            padded = [-(-side // divisor) * divisor for side in (height, width)]
-            scale = model.image_size / max(padded)
-            valid = (max(1, round(height * scale)), max(1, round(width * scale)))
-            return model.whole_scores(normalized, text_embeds, synonym_groups, valid)
-        padded = ImageList.from_tensors([normalized], model.size_divisibility).tensor
-        probs = model.predict_window_scores(padded, text_embeds, synonym_groups)[0]
-        # As whole_scores does: drop decoder rows and columns beyond the unpadded size.
-        return probs[:, :height, :width]
+        return self.model.whole_source(self.model.normalize(image), text_embeds, synonym_groups)
 
     def _predict_whole(self, image, text_embeds, synonym_groups, output_size, emit_rows):
         scores = self._global_scores(image, text_embeds, synonym_groups)
@@ -531,7 +534,7 @@ class Predictor:
 
         emit = emit_rows
         if model.global_weight > 0:
-            emit = _blend_global_view(
+            emit = blend_rows_with_view(
                 self._global_scores(image, text_embeds, synonym_groups),
                 model.global_weight, output_size, emit_rows,
             )
@@ -564,16 +567,3 @@ def _pad_for_windows(image: torch.Tensor, height: int, width: int) -> torch.Tens
     padded[0, :3, : image.shape[-2], : image.shape[-1]] = image
     padded[0, 3, : image.shape[-2], : image.shape[-1]] = 1
     return padded
-
-
-def _blend_global_view(global_scores: torch.Tensor, weight: float,
-                       output_size: Tuple[int, int], emit_rows: ScoreRowsCallback):
-    """Wrap ``emit_rows`` so that each block is averaged with the global view's rows."""
-    rows = source_rows(global_scores.shape[1], output_size[0])
-
-    def emit(row_start: int, row_end: int, scores: torch.Tensor) -> None:
-        block_rows = tuple(values[row_start:row_end] for values in rows)
-        whole = interpolate_rows(global_scores, 0, block_rows, output_size[1])
-        emit_rows(row_start, row_end, (1 - weight) * scores + weight * whole)
-
-    return emit

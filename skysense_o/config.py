@@ -191,6 +191,11 @@ def add_skysense_o_config(cfg: CN) -> None:
     # Autocast dtype at inference: "" (float32), "bfloat16" or "float16". Training uses
     # SOLVER.AMP instead.
     node.INFERENCE.AMP_DTYPE = ""
+    # What the model returns per image as "sem_seg": "probabilities" (T x H x W, the
+    # Detectron2 convention) or "labels" (H x W int64 indices of the top class). Evaluation
+    # needs only the labels. With thousands of names they cost a fraction of the time and
+    # memory, because the T x H x W volume is never built.
+    node.INFERENCE.OUTPUT = "probabilities"
     # Retrieval augmentation: when a class has synonyms (from the dataset's metadata or the
     # input), its score is the maximum over the class and its synonyms.
     node.INFERENCE.RETRIEVAL_AUGMENTATION = False

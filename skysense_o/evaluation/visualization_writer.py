@@ -39,7 +39,11 @@ class VisualizationWriter(DatasetEvaluator):
     def process(self, inputs: List[Dict], outputs: List[Dict]) -> None:
         for input_dict, output in zip(inputs, outputs):
             names = list(input_dict.get("texts") or self._class_names)
-            labels = output["sem_seg"].argmax(dim=0).cpu().numpy().astype(np.int64)
+            prediction = output["sem_seg"]
+            # Models with INFERENCE.OUTPUT "labels" return the H x W label map itself.
+            if prediction.dim() == 3:
+                prediction = prediction.argmax(dim=0)
+            labels = prediction.cpu().numpy().astype(np.int64)
             image = read_image(input_dict["file_name"])
             if image.shape[:2] != labels.shape:
                 image = np.asarray(Image.fromarray(image).resize(labels.shape[::-1]))

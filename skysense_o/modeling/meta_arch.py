@@ -2,7 +2,7 @@
 
 import contextlib
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,9 @@ from .backbone.base import VisionLanguageBackbone, build_vl_backbone
 from .decoder.base import SegmentationDecoder, build_decoder
 from .inference import (
     WINDOW_BLENDS,
+    RowResizer,
+    bilinear_argmax,
+    blend_rows_with_view,
     expand_with_synonyms,
     merge_synonym_scores,
     padded_length,
@@ -33,6 +36,7 @@ from .text_embeddings import TextEmbedder
 logger = logging.getLogger(__name__)
 
 INFERENCE_MODES = ("whole", "sliding")
+OUTPUT_KINDS = ("probabilities", "labels")
 REGION_POOLING_MODES = ("embedding", "pixel_shuffle")
 
 
@@ -61,16 +65,14 @@ def _guidance_adapter(in_channels: int, out_channels: int, ratio: int) -> nn.Mod
     return nn.ConvTranspose2d(in_channels, out_channels, kernel_size=ratio, stride=ratio)
 
 
-def _resize(scores: torch.Tensor, size, crop=None) -> torch.Tensor:
-    """Crop T x H x W scores to ``crop`` (rows, columns), then resize them bilinearly to ``size``.
+def _resize(scores: torch.Tensor, size) -> torch.Tensor:
+    """Resize T x H x W scores bilinearly to ``size``.
 
     Channels that are constant over the map, such as the classes a decoder left out above its
     class budget, are filled with their value instead of interpolated. Interpolating a
     constant gives that constant, and with thousands of classes the resize would otherwise
     dominate the inference time.
     """
-    if crop is not None:
-        scores = scores[:, : crop[0], : crop[1]]
     size = tuple(size)
     if tuple(scores.shape[-2:]) == size:
         return scores
@@ -122,6 +124,7 @@ class SkySenseO(nn.Module):
         window_blend: str = "uniform",
         retrieval_augmentation: bool = False,
         amp_dtype: str = "",
+        output: str = "probabilities",
         region_pooling: str = "embedding",
         pixel_shuffle_upscale: int = 16,
         graph_file: str = "",
@@ -139,6 +142,9 @@ class SkySenseO(nn.Module):
             size_divisibility: images are padded to a multiple of this.
             image_size: side of the square image given to the backbone.
             inference_mode: "whole" or "sliding"; the remaining arguments configure them.
+            output: "probabilities" (each image's "sem_seg" is T x H x W class probabilities)
+                or "labels" (an H x W int64 map of the top class, computed without the
+                T x H x W volume).
             graph_file: the visual-relevance graph used to weight the regulariser for images
                 whose names were sampled from it; when empty, the graph of the first training
                 dataset (its metadata), as the training mapper resolves it.
@@ -159,6 +165,10 @@ class SkySenseO(nn.Module):
             raise ValueError(
                 f"MODEL.SKYSENSE_O.INFERENCE.WINDOW_BLEND={window_blend!r}; expected one of "
                 f"{WINDOW_BLENDS}"
+            )
+        if output not in OUTPUT_KINDS:
+            raise ValueError(
+                f"MODEL.SKYSENSE_O.INFERENCE.OUTPUT={output!r}; expected one of {OUTPUT_KINDS}"
             )
         if amp_dtype not in ("", "bfloat16", "float16"):
             raise ValueError(
@@ -182,6 +192,7 @@ class SkySenseO(nn.Module):
         self.window_blend = window_blend
         self.retrieval_augmentation = retrieval_augmentation
         self.amp_dtype = amp_dtype
+        self.output = output
         self.region_pooling = region_pooling
         self.pixel_shuffle_upscale = pixel_shuffle_upscale
         self.graph_file = graph_file
@@ -247,6 +258,7 @@ class SkySenseO(nn.Module):
             "window_blend": inference.WINDOW_BLEND,
             "retrieval_augmentation": inference.RETRIEVAL_AUGMENTATION,
             "amp_dtype": inference.AMP_DTYPE,
+            "output": inference.OUTPUT,
             "region_pooling": loss.REGION_POOLING,
             "pixel_shuffle_upscale": loss.PIXEL_SHUFFLE_UPSCALE,
             "graph_file": cfg.DATASETS.SKYSA.GRAPH_FILE,
@@ -411,7 +423,8 @@ class SkySenseO(nn.Module):
         """Segment one image with its own class list.
 
         Returns:
-            {"sem_seg": T x height x width class probabilities}.
+            {"sem_seg": T x height x width class probabilities}, or with the "labels" output
+            {"sem_seg": height x width int64 indices of the top class}.
         """
         class_names = list(inputs["texts"])
         synonyms = inputs.get("synonyms") if self.retrieval_augmentation else None
@@ -422,6 +435,8 @@ class SkySenseO(nn.Module):
         width = inputs.get("width", image.shape[-1])
 
         output_size = (height, width)
+        if self.output == "labels":
+            return {"sem_seg": self.predict_labels(image, text_embeds, synonym_groups, output_size)}
         if self.inference_mode == "sliding":
             scores = self.sliding_scores(image, text_embeds, synonym_groups)
             scores = _resize(scores, output_size)
@@ -455,15 +470,20 @@ class SkySenseO(nn.Module):
         Returns T x H' x W' probabilities for the 3 x H x W normalised ``image``, at
         ``output_size`` (H', W'), by default (H, W).
         """
+        output_size = output_size or tuple(image.shape[-2:])
+        return _resize(self.whole_source(image, text_embeds, synonym_groups), output_size)
+
+    def whole_source(self, image: torch.Tensor, text_embeds, synonym_groups=None) -> torch.Tensor:
+        """Return the T x h x w probabilities whose bilinear resize to any size is the
+        whole-image prediction at that size (see ``whole_scores``)."""
         height, width = image.shape[-2:]
-        output_size = output_size or (height, width)
         padded = ImageList.from_tensors([image], self.size_divisibility).tensor
         if not self.keep_aspect_ratio:
             probs = self.predict_window_scores(padded, text_embeds, synonym_groups)[0]
             # As the release does (Detectron2's sem_seg_postprocess): crop with the pre-padding
             # size at the output resolution (a no-op unless the image is smaller than the map),
             # then stretch back.
-            return _resize(probs, output_size, crop=(height, width))
+            return probs[:, :height, :width]
 
         # Fit the long side to the square, pad the rest, and crop the valid part afterwards.
         scale = self.image_size / max(padded.shape[-2:])
@@ -475,7 +495,34 @@ class SkySenseO(nn.Module):
         probs = F.interpolate(probs, size=(self.image_size,) * 2, mode="bilinear",
                               align_corners=False)[0]
         valid = [max(1, round(height * scale)), max(1, round(width * scale))]
-        return _resize(probs[:, : valid[0], : valid[1]], output_size)
+        return probs[:, : valid[0], : valid[1]]
+
+    def predict_labels(
+        self, image: torch.Tensor, text_embeds, synonym_groups, output_size
+    ) -> torch.Tensor:
+        """Return the H' x W' int64 top class of each pixel at ``output_size`` (H', W').
+
+        The labels are the argmax of the probability output, up to float rounding on
+        near-ties, but the T x H' x W' probabilities are never held. Whole-image mode
+        interpolates only the classes that can win in each cell (``bilinear_argmax``). Sliding
+        mode reduces each finished block of rows to its labels.
+        """
+        if self.inference_mode == "whole":
+            source = self.whole_source(image, text_embeds, synonym_groups)
+            return bilinear_argmax(source, output_size)[0]
+
+        labels = torch.empty(output_size, dtype=torch.int64, device=image.device)
+
+        def keep_labels(row_start: int, row_end: int, rows: torch.Tensor) -> None:
+            labels[row_start:row_end] = rows.argmax(dim=0)
+
+        emit = keep_labels
+        if self.global_weight > 0:
+            emit = blend_rows_with_view(self.whole_source(image, text_embeds, synonym_groups),
+                                        self.global_weight, output_size, keep_labels)
+        self.sliding_rows(image, text_embeds, synonym_groups, RowResizer(
+            tuple(image.shape[-2:]), output_size, emit).push)
+        return labels
 
     @property
     def score_side(self) -> int:
@@ -492,11 +539,28 @@ class SkySenseO(nn.Module):
         Returns T x H x W probabilities at the size of ``image`` (3 x H x W, normalised).
         """
         height, width = image.shape[-2:]
+        num_classes = len(synonym_groups) if synonym_groups else text_embeds.shape[0]
+        canvas = torch.empty(num_classes, height, width, device=image.device)
+        next_row = 0
+
+        def store(rows: torch.Tensor) -> None:
+            nonlocal next_row
+            canvas[:, next_row : next_row + rows.shape[1]] = rows
+            next_row += rows.shape[1]
+
+        self.sliding_rows(image, text_embeds, synonym_groups, store)
+        return canvas
+
+    def sliding_rows(
+        self, image: torch.Tensor, text_embeds, synonym_groups, push_rows: Callable
+    ) -> None:
+        """Pass the window-averaged T x rows x W probabilities of ``image`` to ``push_rows``
+        in consecutive blocks of rows, top to bottom, without holding the T x H x W volume."""
+        height, width = image.shape[-2:]
         factor = self.sliding_downsample()
         padded = F.pad(image[None], (0, padded_length(width, self.window, factor) - width,
                                      0, padded_length(height, self.window, factor) - height))
         num_classes = len(synonym_groups) if synonym_groups else text_embeds.shape[0]
-        canvas = torch.empty(num_classes, height, width, device=image.device)
         cell = self.window // factor
 
         def predict(crops: torch.Tensor) -> torch.Tensor:
@@ -505,15 +569,14 @@ class SkySenseO(nn.Module):
                 return probs
             return F.interpolate(probs, size=(cell, cell), mode="bilinear", align_corners=False)
 
-        def store(row_start: int, row_end: int, rows: torch.Tensor) -> None:
+        def collect(row_start: int, row_end: int, rows: torch.Tensor) -> None:
             # Rows and columns past the image are padding.
             row_end = min(row_end, height)
             if row_end > row_start:
-                canvas[:, row_start:row_end] = rows[:, : row_end - row_start, :width]
+                push_rows(rows[:, : row_end - row_start, :width])
 
         sliding_window_scores(
             padded, predict, num_classes=num_classes, window=self.window, stride=self.stride,
-            batch_size=self.window_batch, emit_rows=store, score_downsample=factor,
+            batch_size=self.window_batch, emit_rows=collect, score_downsample=factor,
             blend=self.window_blend,
         )
-        return canvas

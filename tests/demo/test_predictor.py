@@ -230,6 +230,22 @@ def test_whole_equals_model_whole(predictor, sample):
     np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)
 
 
+def test_whole_labels_alone_match_probabilities(predictor, sample):
+    # Without probabilities, the whole-image mode interpolates only the candidate classes of
+    # each cell; its labels must be those of the full probabilities.
+    image = sample[:70, :90]
+    with_probabilities = predictor.predict(image, NAMES, sliding_window=False,
+                                           return_probabilities=True)
+    labels_only = predictor.predict(image, NAMES, sliding_window=False)
+    probabilities = with_probabilities.probabilities
+    top_two = np.sort(probabilities, axis=0)[-2:]
+    clear = top_two[1] - top_two[0] > 1e-5
+    assert clear.mean() > 0.99
+    assert labels_only.labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels_only.labels[clear],
+                                  probabilities.argmax(axis=0)[clear])
+
+
 def test_sliding_with_resize_and_global_view(checkpoint, sample):
     opts = [*TINY_OPTS, "INPUT.MIN_SIZE_TEST", "72", "INPUT.MAX_SIZE_TEST", "120",
             "MODEL.SKYSENSE_O.INFERENCE.GLOBAL_WEIGHT", "0.25"]

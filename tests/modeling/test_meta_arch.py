@@ -154,6 +154,36 @@ def test_global_view_and_keep_aspect_ratio_shapes():
     assert scores.shape == (2, 45, 65)
 
 
+@pytest.mark.parametrize("mode, overrides, image_size, output_size", [
+    ("whole", [], (70, 95), (70, 95)),
+    ("whole", ["MODEL.SKYSENSE_O.INFERENCE.KEEP_ASPECT_RATIO", True], (90, 130), (45, 65)),
+    ("sliding", [], (150, 200), (150, 200)),
+    ("sliding", ["MODEL.SKYSENSE_O.INFERENCE.GLOBAL_WEIGHT", 0.3], (90, 130), (100, 117)),
+])
+def test_label_output_is_argmax_of_probabilities(mode, overrides, image_size, output_size):
+    settings = ["MODEL.SKYSENSE_O.INFERENCE.MODE", mode, *overrides]
+    probabilities = build(*settings).eval()
+    labels = build(*settings, "MODEL.SKYSENSE_O.INFERENCE.OUTPUT", "labels").eval()
+    texts = ["building", "road", "water", "tree", "car", "field"]
+    inputs = [{"image": random_image(*image_size), "height": output_size[0],
+               "width": output_size[1], "texts": texts}]
+
+    scores = probabilities(inputs)[0]["sem_seg"]
+    predicted = labels(inputs)[0]["sem_seg"]
+
+    assert predicted.shape == output_size and predicted.dtype == torch.int64
+    best = scores.max(dim=0).values
+    chosen = scores.gather(0, predicted[None])[0]
+    # Identical except where two classes tie up to float rounding.
+    assert torch.allclose(chosen, best, atol=1e-6)
+    assert float((predicted == scores.argmax(dim=0)).float().mean()) > 0.999
+
+
+def test_invalid_output_kind_is_rejected():
+    with pytest.raises(ValueError, match="INFERENCE.OUTPUT='argmax'"):
+        build("MODEL.SKYSENSE_O.INFERENCE.OUTPUT", "argmax")
+
+
 def test_retrieval_augmentation_takes_max_over_synonyms():
     model = build("MODEL.SKYSENSE_O.INFERENCE.RETRIEVAL_AUGMENTATION", True).eval()
     image = random_image(64, 64)
