@@ -5,7 +5,8 @@ Two benchmarks, with every configuration in a fresh Python process, so that each
 resident set size (``ru_maxrss``) belongs to that configuration alone:
 
 * ``whole``: one square uint8 image through ``SkySenseO.forward`` in "whole" mode (the
-  public API, which returns T x H x W probabilities), for each decoder and vocabulary size T.
+  public API), for each decoder, vocabulary size T and output kind (``--outputs``, the
+  config's ``INFERENCE.OUTPUT``): T x H x W probabilities, or the H x W top class.
   It times the first call (text cache cold), warm calls (text embeddings cached) and cold
   calls (cache cleared before each call), and reports medians. The time is also split into
   text encoding, image tower, decoder and the rest (normalisation, sigmoid and the resizing
@@ -34,7 +35,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DECODERS = ("CostAggregationDecoder", "SAMMaskDecoder")
+OUTPUT_KINDS = ("probabilities", "labels")
 BENCHMARKS = ("whole", "sliding", "all")
 # Wall-clock parts of one call. "cpu" is the CPU time of the whole process over the call (all
 # threads), which other processes on a shared machine disturb less than the wall clock.
@@ -142,6 +144,8 @@ class ModelSpec:
     decoder: str
     device: str = "cpu"
     opts: Tuple[str, ...] = ()
+    output: str = "probabilities"
+    weights: str = ""
     threads: int = 0
     log_level: int = logging.WARNING
 
@@ -162,17 +166,24 @@ def build_cfg(spec: ModelSpec, inference_mode: str = "whole"):
     cfg.MODEL.DEVICE = spec.device
     cfg.MODEL.SKYSENSE_O.DECODER.NAME = spec.decoder
     cfg.MODEL.SKYSENSE_O.INFERENCE.MODE = inference_mode
+    cfg.MODEL.SKYSENSE_O.INFERENCE.OUTPUT = spec.output
     cfg.MODEL.WEIGHTS = ""
     cfg.freeze()
     return cfg
 
 
 def build_benchmark_model(spec: ModelSpec, inference_mode: str = "whole"):
-    """Build the SkySenseO of ``spec`` in eval mode, with random weights."""
+    """Build the SkySenseO of ``spec`` in eval mode, with random weights unless
+    ``spec.weights`` names a checkpoint (loaded strictly)."""
     from detectron2.modeling import build_model
 
+    from skysense_o.checkpoint import SkySenseOCheckpointer
+
     torch.manual_seed(0)
-    return build_model(build_cfg(spec, inference_mode)).eval()
+    model = build_model(build_cfg(spec, inference_mode)).eval()
+    if spec.weights:
+        SkySenseOCheckpointer(model).load(spec.weights)
+    return model
 
 
 def peak_rss_bytes() -> int:
@@ -267,6 +278,18 @@ def random_image(side: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (3, side, side), dtype=torch.uint8, generator=generator)
 
 
+def benchmark_image(side: int, image_file: str = "") -> torch.Tensor:
+    """Return a 3 x side x side uint8 image: ``image_file`` resized, or uniform noise."""
+    if not image_file:
+        return random_image(side)
+    import cv2
+
+    from skysense_o.utils.image_io import read_image
+
+    pixels = cv2.resize(read_image(image_file), (side, side), interpolation=cv2.INTER_AREA)
+    return torch.as_tensor(pixels.transpose(2, 0, 1).copy())
+
+
 def _setup_worker(spec: ModelSpec) -> None:
     logging.basicConfig(level=spec.log_level, format="%(levelname)s %(name)s: %(message)s")
     if spec.threads > 0:
@@ -284,7 +307,11 @@ def time_forward(model, inputs: List[dict], timer: PartTimer) -> Dict[str, float
     outputs = model(inputs)
     total = time.perf_counter() - start
     cpu = time.process_time() - cpu_start
-    assert outputs[0]["sem_seg"].shape[0] == len(inputs[0]["texts"])
+    prediction = outputs[0]["sem_seg"]
+    expected = (inputs[0]["height"], inputs[0]["width"])
+    if prediction.dim() == 3:
+        expected = (len(inputs[0]["texts"]), *expected)
+    assert tuple(prediction.shape) == expected, (tuple(prediction.shape), expected)
     del outputs
     other = total - sum(timer.seconds.values())
     return {"total": total, **timer.seconds, "other": other, "cpu": cpu}
@@ -298,8 +325,11 @@ def measure_whole(
     repeats: int,
     warmup: int,
     cold_repeats: int,
+    image_file: str = "",
 ) -> dict:
     """Time ``SkySenseO.forward`` on one image in "whole" mode and record the peak memory.
+
+    The image is ``image_file`` resized to ``image_size`` squared, or noise when it is empty.
 
     Returns:
         A dict with the configuration, ``first`` (the first call, text cache cold), ``warm``
@@ -309,7 +339,7 @@ def measure_whole(
     _setup_worker(spec)
     model = build_benchmark_model(spec, "whole")
     rss_model = current_rss_bytes()
-    image = random_image(image_size)
+    image = benchmark_image(image_size, image_file)
     inputs = [{"image": image, "height": image_size, "width": image_size,
                "texts": list(vocabulary)}]
 
@@ -329,6 +359,9 @@ def measure_whole(
     return {
         "benchmark": "whole",
         "decoder": spec.decoder,
+        "output": spec.output,
+        "weights": spec.weights or None,
+        "image_file": image_file or None,
         "vocab_size": len(vocabulary),
         "image_size": image_size,
         "threads": torch.get_num_threads(),
@@ -339,7 +372,8 @@ def measure_whole(
         "cold_runs": [run["total"] for run in cold],
         "rss_model": rss_model,
         "peak_rss": peak_rss_bytes(),
-        "output_bytes": len(vocabulary) * image_size * image_size * 4,
+        "output_bytes": (len(vocabulary) * 4 if spec.output == "probabilities" else 8)
+        * image_size * image_size,
     }
 
 
@@ -526,13 +560,14 @@ def _mib(value: Optional[int]) -> str:
 
 def format_whole_table(results: Sequence[dict]) -> List[str]:
     """Return the lines of the whole-image table (seconds per image, MiB)."""
-    header = ("decoder", "T", "first s", "warm s", "warm CPU s", "cold s", "text", "image",
+    header = ("decoder", "output", "T", "first s", "warm s", "warm CPU s", "cold s", "text", "image",
               "decoder", "other", "model MiB", "peak MiB")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
         warm, cold = result["warm"], result["cold"]
         row = (
-            result["decoder"], f"{result['vocab_size']:,}", f"{result['first']['total']:.3f}",
+            result["decoder"], result.get("output", "probabilities"), f"{result['vocab_size']:,}",
+            f"{result['first']['total']:.3f}",
             f"{warm['total']:.3f}", f"{warm['cpu']:.3f}",
             "-" if cold is None else f"{cold['total']:.3f}",
             f"{warm['text']:.3f}", f"{warm['image']:.3f}", f"{warm['decoder']:.3f}",
@@ -570,16 +605,18 @@ def check_targets(whole: Sequence[dict], sliding: Sequence[dict]) -> List[dict]:
         growth of the RSS during the measured calls.
     """
     checks = []
-    by_key = {(r["decoder"], r["vocab_size"]): r for r in whole}
-    for (decoder, size), result in sorted(by_key.items()):
-        reference = by_key.get((decoder, VOCAB_REFERENCE_SIZE))
+    by_key = {(r["decoder"], r.get("output", "probabilities"), r["vocab_size"]): r
+              for r in whole}
+    for (decoder, output, size), result in sorted(by_key.items()):
+        reference = by_key.get((decoder, output, VOCAB_REFERENCE_SIZE))
         if reference is None or size <= VOCAB_REFERENCE_SIZE:
             continue
         ratio = result["warm"]["total"] / reference["warm"]["total"]
         part_ratios = {part: result["warm"][part] / max(reference["warm"][part], 1e-9)
                        for part in ("cpu", "decoder", "other")}
         checks.append({"target": f"warm time T={size:,} / T={VOCAB_REFERENCE_SIZE}",
-                       "decoder": decoder, "vocab_size": size, "ratio": ratio,
+                       "decoder": decoder, "output": output, "vocab_size": size,
+                       "ratio": ratio,
                        "part_ratios": part_ratios, "limit": VOCAB_TIME_RATIO_LIMIT,
                        "passed": ratio <= VOCAB_TIME_RATIO_LIMIT})
 
@@ -611,7 +648,8 @@ def format_checks(checks: Sequence[dict]) -> List[str]:
         if check.get("increment_ratio") is not None:
             extra = f" (growth over the pre-call RSS: {check['increment_ratio']:.2f}x)"
         verdict = "pass" if check["passed"] else "FAIL"
-        lines.append(f"{verdict}: {check['decoder']} T={check['vocab_size']:,} "
+        output = f" {check['output']}" if check.get("output") else ""
+        lines.append(f"{verdict}: {check['decoder']}{output} T={check['vocab_size']:,} "
                      f"{check['target']} = {check['ratio']:.2f}x "
                      f"(limit {check['limit']}x){extra}")
     return lines
@@ -635,6 +673,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="decoders to measure (MODEL.SKYSENSE_O.DECODER.NAME)")
     parser.add_argument("--vocab-sizes", nargs="+", type=int, default=[5, 100, 1763],
                         help="class-name counts T of the whole-image benchmark")
+    parser.add_argument("--outputs", nargs="+", choices=OUTPUT_KINDS, default=list(OUTPUT_KINDS),
+                        help="whole benchmark: the model outputs to measure "
+                             "(MODEL.SKYSENSE_O.INFERENCE.OUTPUT)")
+    parser.add_argument("--weights", default="",
+                        help="checkpoint to load into every benchmarked model (strict, so its "
+                             "decoder must match --decoders); default: random weights")
+    parser.add_argument("--image", default="",
+                        help="whole benchmark: image file resized to --image-size squared; "
+                             "default: uniform noise")
     parser.add_argument("--image-size", type=int, default=640,
                         help="side in pixels of the whole-image benchmark's square image")
     parser.add_argument("--repeats", type=int, default=5,
@@ -681,6 +728,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, "
                              f"got {getattr(args, name)}")
+    for name in ("weights", "image"):
+        path = getattr(args, name)
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"--{name} {path} is not a file; give an existing path")
     return args
 
 
@@ -692,15 +743,18 @@ def run_benchmarks(args: argparse.Namespace, *, isolate: bool = True) -> BenchRe
     log_level = logging.INFO if args.verbose else logging.WARNING
     for decoder in args.decoders:
         spec = ModelSpec(config_file=args.config_file, decoder=decoder, device=args.device,
-                         opts=tuple(args.opts), threads=args.threads, log_level=log_level)
+                         opts=tuple(args.opts), weights=args.weights, threads=args.threads,
+                         log_level=log_level)
         if args.benchmark in ("whole", "all"):
-            for size in args.vocab_sizes:
-                logger.info("whole image: %s, T = %d", decoder, size)
-                results.whole.append(run_isolated(
-                    measure_whole, spec, build_vocabulary(size, real_names), isolate=isolate,
-                    image_size=args.image_size, repeats=args.repeats, warmup=args.warmup,
-                    cold_repeats=args.cold_repeats,
-                ))
+            for output in args.outputs:
+                for size in args.vocab_sizes:
+                    logger.info("whole image: %s, %s, T = %d", decoder, output, size)
+                    results.whole.append(run_isolated(
+                        measure_whole, replace(spec, output=output),
+                        build_vocabulary(size, real_names), isolate=isolate,
+                        image_size=args.image_size, repeats=args.repeats, warmup=args.warmup,
+                        cold_repeats=args.cold_repeats, image_file=args.image,
+                    ))
         if args.benchmark in ("sliding", "all"):
             inference = build_cfg(spec).MODEL.SKYSENSE_O.INFERENCE
             window = args.window or inference.WINDOW

@@ -1,5 +1,6 @@
 """Smoke tests of bench/bench_inference.py at tiny sizes. They check values, never timings."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,20 @@ def whole_result(size: int, seconds: float) -> dict:
     return {"decoder": "SAMMaskDecoder", "vocab_size": size, "warm": parts}
 
 
+def test_check_targets_compare_within_one_output_kind():
+    labels = [{**whole_result(100, 0.5), "output": "labels"},
+              {**whole_result(1763, 1.0), "output": "labels"}]
+    probabilities = [{**whole_result(100, 0.1), "output": "probabilities"},
+                     {**whole_result(1763, 0.6), "output": "probabilities"}]
+
+    checks = bench.check_targets(probabilities + labels, [])
+
+    assert [(check["output"], check["ratio"]) for check in checks] == [
+        ("labels", pytest.approx(2.0)), ("probabilities", pytest.approx(6.0))]
+    assert [check["passed"] for check in checks] == [True, False]
+    assert bench.format_checks(checks)[0].startswith("pass: SAMMaskDecoder labels T=1,763")
+
+
 def sliding_result(side: int, windows: int, peak: int, before: int) -> dict:
     return {"decoder": "SAMMaskDecoder", "vocab_size": 5, "image_size": side,
             "windows": windows, "peak_rss": peak, "rss_before": before}
@@ -156,7 +171,7 @@ def test_check_targets_ratios():
     assert memory["ratio"] == pytest.approx(1.4)
     assert memory["increment_ratio"] == pytest.approx(5.0)
     assert memory["passed"]
-    assert bench.format_checks(checks)[0].startswith("FAIL: SAMMaskDecoder T=1,763")
+    assert bench.format_checks(checks)[0].startswith("FAIL: SAMMaskDecoder probabilities T=1,763")
 
 
 def test_parse_args_keeps_config_overrides():
@@ -166,6 +181,37 @@ def test_parse_args_keeps_config_overrides():
     )
     assert args.decoders == ["SAMMaskDecoder"]
     assert args.opts == ["MODEL.SKYSENSE_O.DECODER.CLASS_BUDGET", "8"]
+
+
+def test_parse_args_missing_weights_or_image(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--weights .*missing.pth is not a file"):
+        bench.parse_args(["--weights", str(tmp_path / "missing.pth")])
+    with pytest.raises(FileNotFoundError, match="--image .*nothing.png is not a file"):
+        bench.parse_args(["--image", str(tmp_path / "nothing.png")])
+
+
+def test_benchmark_image_reads_and_resizes_file(samples_dir):
+    image_file = next((samples_dir / "demo").glob("*.png"))
+
+    image = bench.benchmark_image(48, str(image_file))
+
+    assert image.shape == (3, 48, 48) and image.dtype == torch.uint8
+    assert float(image.float().std()) > 1.0
+
+
+def test_weights_are_loaded_strictly(tmp_path):
+    spec = tiny_spec("SAMMaskDecoder")
+    model = bench.build_benchmark_model(spec)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.5)
+    checkpoint = tmp_path / "shifted.pth"
+    torch.save({"model": model.state_dict()}, checkpoint)
+
+    loaded = bench.build_benchmark_model(replace(spec, weights=str(checkpoint)))
+
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
 
 
 def test_parse_args_invalid_repeats():
@@ -180,12 +226,16 @@ def test_run_benchmarks_in_process():
          "--threads", "1", *SMALL_INPUT]
     )
     results = bench.run_benchmarks(args, isolate=False)
-    assert [r["vocab_size"] for r in results.whole] == [2, 3]
+    assert [(r["output"], r["vocab_size"]) for r in results.whole] == [
+        ("probabilities", 2), ("probabilities", 3), ("labels", 2), ("labels", 3)]
     assert results.whole[0]["cold"] is None
+    assert results.whole[1]["output_bytes"] == 3 * 64 * 64 * 4
+    assert results.whole[3]["output_bytes"] == 64 * 64 * 8
     lines = bench.report(results)
     assert lines[0].startswith("machine: ")
     table_rows = [line for line in lines if line.startswith("| SAMMaskDecoder")]
-    assert len(table_rows) == 2
+    assert len(table_rows) == 4
+    assert table_rows[2].startswith("| SAMMaskDecoder | labels | 2 |")
 
 
 def test_worker_peak_excludes_parent():
