@@ -311,8 +311,8 @@ def _argmax_on_grid(scores, chosen, rows, columns, max_block_elements):
         stop = min(start + block, height)
         cell_rows = torch.as_tensor(row_low[start:stop], device=device)
         weight = torch.as_tensor(row_weight[start:stop], dtype=dtype, device=device).view(1, -1, 1)
-        # Rows first on the cell grid, then columns per output pixel: the order of
-        # interpolate_rows, so both give the same floats.
+        # Rows first on the cell grid, then columns per output pixel, in the order that
+        # interpolate_rows uses.
         left = top_left[:, cell_rows] * (1 - weight) + bottom_left[:, cell_rows] * weight
         right = top_right[:, cell_rows] * (1 - weight) + bottom_right[:, cell_rows] * weight
         blended = (left.index_select(2, cell_columns) * (1 - column_weight)
