@@ -46,6 +46,7 @@ from skysense_o.engine.weight_averaging import CHECKPOINT_KEY, WeightAveraging, 
 from skysense_o.evaluation import build_evaluator
 from skysense_o.evaluation.baseline import evaluate_majority_baseline
 from skysense_o.evaluation.visualization_writer import VisualizationWriter
+from skysense_o.modeling.meta_arch import check_config_choices
 from skysense_o.release import build_model_for_inference
 
 logger = logging.getLogger("skysense_o")
@@ -271,6 +272,10 @@ def setup(args) -> CfgNode:
     cfg.merge_from_file(args.config_file)
     merge_overrides(cfg, args.opts)
     cfg.freeze()
+    try:
+        check_config_choices(cfg)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="skysense_o")
     return cfg

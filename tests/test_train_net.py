@@ -112,6 +112,24 @@ def test_eval_only_with_label_output_gives_same_metrics(datasets_root, tmp_path)
     assert len(list(pictures.glob("*_overlay.png"))) == 2
 
 
+def test_invalid_output_kind_is_one_line(datasets_root, tmp_path):
+    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets_root))
+    output_dir = tmp_path / "eval"
+    completed = subprocess.run(
+        [sys.executable, "train_net.py", "--config-file", "configs/quickstart.yaml",
+         "--eval-only", "MODEL.SKYSENSE_O.INFERENCE.OUTPUT", "label",
+         "OUTPUT_DIR", str(output_dir)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    assert completed.stderr.strip().splitlines()[-1] == (
+        "MODEL.SKYSENSE_O.INFERENCE.OUTPUT='label'; expected one of "
+        "('probabilities', 'labels')")
+    assert not output_dir.exists()
+
+
 def test_unknown_config_key_is_rejected(datasets_root, tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS=str(datasets_root))
     completed = subprocess.run(

@@ -38,6 +38,28 @@ logger = logging.getLogger(__name__)
 INFERENCE_MODES = ("whole", "sliding")
 OUTPUT_KINDS = ("probabilities", "labels")
 REGION_POOLING_MODES = ("embedding", "pixel_shuffle")
+AMP_DTYPES = ("", "bfloat16", "float16")
+
+
+def _check_choice(key: str, value, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r}; expected one of {tuple(allowed)}")
+
+
+def check_config_choices(cfg) -> None:
+    """Raise ValueError naming the first SkySenseO key whose value is not one of its choices.
+
+    Entry points call this before they create output folders or build the model, so that a
+    typo ends with one line. The model checks the same values when it is built directly.
+    """
+    node = cfg.MODEL.SKYSENSE_O
+    _check_choice("MODEL.SKYSENSE_O.INFERENCE.MODE", node.INFERENCE.MODE, INFERENCE_MODES)
+    _check_choice("MODEL.SKYSENSE_O.INFERENCE.OUTPUT", node.INFERENCE.OUTPUT, OUTPUT_KINDS)
+    _check_choice("MODEL.SKYSENSE_O.INFERENCE.WINDOW_BLEND", node.INFERENCE.WINDOW_BLEND,
+                  WINDOW_BLENDS)
+    _check_choice("MODEL.SKYSENSE_O.INFERENCE.AMP_DTYPE", node.INFERENCE.AMP_DTYPE, AMP_DTYPES)
+    _check_choice("MODEL.SKYSENSE_O.LOSS.REGION_POOLING", node.LOSS.REGION_POOLING,
+                  REGION_POOLING_MODES)
 
 
 class SkySenseOHead(nn.Module):
@@ -151,30 +173,12 @@ class SkySenseO(nn.Module):
             train_datasets: the training datasets, to find their graph.
         """
         super().__init__()
-        if inference_mode not in INFERENCE_MODES:
-            raise ValueError(
-                f"MODEL.SKYSENSE_O.INFERENCE.MODE={inference_mode!r}; expected one of "
-                f"{INFERENCE_MODES}"
-            )
-        if region_pooling not in REGION_POOLING_MODES:
-            raise ValueError(
-                f"MODEL.SKYSENSE_O.LOSS.REGION_POOLING={region_pooling!r}; expected one of "
-                f"{REGION_POOLING_MODES}"
-            )
-        if window_blend not in WINDOW_BLENDS:
-            raise ValueError(
-                f"MODEL.SKYSENSE_O.INFERENCE.WINDOW_BLEND={window_blend!r}; expected one of "
-                f"{WINDOW_BLENDS}"
-            )
-        if output not in OUTPUT_KINDS:
-            raise ValueError(
-                f"MODEL.SKYSENSE_O.INFERENCE.OUTPUT={output!r}; expected one of {OUTPUT_KINDS}"
-            )
-        if amp_dtype not in ("", "bfloat16", "float16"):
-            raise ValueError(
-                f"MODEL.SKYSENSE_O.INFERENCE.AMP_DTYPE={amp_dtype!r}; expected '', 'bfloat16' "
-                "or 'float16'"
-            )
+        _check_choice("MODEL.SKYSENSE_O.INFERENCE.MODE", inference_mode, INFERENCE_MODES)
+        _check_choice("MODEL.SKYSENSE_O.LOSS.REGION_POOLING", region_pooling,
+                      REGION_POOLING_MODES)
+        _check_choice("MODEL.SKYSENSE_O.INFERENCE.WINDOW_BLEND", window_blend, WINDOW_BLENDS)
+        _check_choice("MODEL.SKYSENSE_O.INFERENCE.OUTPUT", output, OUTPUT_KINDS)
+        _check_choice("MODEL.SKYSENSE_O.INFERENCE.AMP_DTYPE", amp_dtype, AMP_DTYPES)
         self.sem_seg_head = sem_seg_head
         self.visual_guidance_conv1 = visual_guidance_conv1
         self.visual_guidance_conv2 = visual_guidance_conv2
