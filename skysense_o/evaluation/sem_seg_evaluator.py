@@ -612,9 +612,12 @@ class OpenVocabSemSegEvaluator(DatasetEvaluator):
             )
             if iou is not None
         ]
+        # The percentages are already formatted strings. Parsing them back as numbers would
+        # drop their trailing zeros ("17.90" to "17.9") and left-align a column holding "-".
         table = tabulate(
             rows, headers=["class", "IoU", "ACC", "GT pixels", "predicted pixels"],
-            tablefmt="pipe", stralign="left", numalign="right",
+            tablefmt="pipe", disable_numparse=True,
+            colalign=("left", "right", "right", "right", "right"),
         )
         logger.info(
             "Per-class results on %s (%d images):\n%s", self._dataset_name, num_images, table

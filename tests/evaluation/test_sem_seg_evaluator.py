@@ -156,6 +156,11 @@ def test_evaluator_hand_case(tmp_path, dataset_name, caplog):
     np.testing.assert_array_equal(evaluator.confusion_matrix, EXPECTED_CONF)
     assert "1 of 4 classes are absent" in caplog.text
     assert "tree" in caplog.text
+    # The per-class table keeps two decimals and right-aligns "-" (water has no GT pixels).
+    water_row = next(line for line in caplog.text.splitlines() if line.startswith("| water"))
+    assert [cell.strip() for cell in water_row.strip("|").split("|")][:3] == [
+        "water", "0.00", "-"]
+    assert f"| {EXPECTED['IoU-building']:.2f} |" in caplog.text
     print_csv_format(results)
 
 
