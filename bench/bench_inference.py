@@ -16,7 +16,9 @@ resident set size (``ru_maxrss``) belongs to that configuration alone:
   crop is normalised inside the window predictor, so the float image is never built.
 
 Class names are the real names of ``datasets/class_lists`` (classes and synonyms), padded
-with generated remote-sensing names. Weights are random, because they do not change the cost.
+with generated remote-sensing names. Weights are random unless ``--weights`` names a
+checkpoint. They do not change the cost of the probability output, but the label output
+interpolates only the classes that compete in each cell, and that depends on the scores.
 
 Usage:
 
@@ -772,14 +774,25 @@ def run_benchmarks(args: argparse.Namespace, *, isolate: bool = True) -> BenchRe
     return results
 
 
+def _format_load(load: Optional[Sequence[float]]) -> str:
+    """Format the 1, 5 and 15-minute load averages with two decimals."""
+    return "unknown" if load is None else " / ".join(f"{value:.2f}" for value in load)
+
+
 def report(results: BenchResults) -> List[str]:
     """Return the printed report: machine, tables and target checks."""
     machine = results.machine
+    # The workers set their own thread count (--threads); the parent's is the default.
+    worker_threads = sorted({r["threads"] for r in [*results.whole, *results.sliding]
+                             if "threads" in r})
+    threads = "/".join(map(str, worker_threads)) if worker_threads \
+        else str(machine["torch_threads"])
     lines = [
         f"machine: {machine['cpu']} (family {machine['cpu_family']}, model "
         f"{machine['cpu_model']}), {machine['cpus_usable']} usable CPUs, torch "
-        f"{machine['torch']}, {machine['torch_threads']} threads, load average "
-        f"{machine['load_average']} at start and {results.load_average_end} at end, "
+        f"{machine['torch']}, {threads} threads per worker, load average "
+        f"{_format_load(machine['load_average'])} at start and "
+        f"{_format_load(results.load_average_end)} at end, "
         f"transparent huge pages {machine.get('transparent_hugepage')}, "
         f"{HUGE_PAGES_VARIABLE}={machine.get(HUGE_PAGES_VARIABLE)}",
     ]

@@ -1,5 +1,6 @@
 """Smoke tests of bench/bench_inference.py at tiny sizes. They check values, never timings."""
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -233,6 +234,8 @@ def test_run_benchmarks_in_process():
     assert results.whole[3]["output_bytes"] == 64 * 64 * 8
     lines = bench.report(results)
     assert lines[0].startswith("machine: ")
+    assert ", 1 threads per worker, " in lines[0]
+    assert re.search(r"load average \d+\.\d\d / \d+\.\d\d / \d+\.\d\d at start", lines[0])
     table_rows = [line for line in lines if line.startswith("| SAMMaskDecoder")]
     assert len(table_rows) == 4
     assert table_rows[2].startswith("| SAMMaskDecoder | labels | 2 |")
