@@ -95,7 +95,7 @@ def add_skysense_o_config(cfg: CN) -> None:
     # "channels": one cost-volume channel per template (the decoder receives P = len(TEMPLATES) channels).
     node.TEXT.ENSEMBLE = "mean"
     # Number of prompts encoded per text-tower forward at inference; bounds the memory used to
-    # encode a large vocabulary (1,763 names in the open-world list).
+    # encode a large vocabulary (the Sky-SA graph has 1,763 names).
     node.TEXT.CHUNK_SIZE = 128
     # Number of distinct vocabularies whose embeddings are kept in the inference cache.
     node.TEXT.CACHE_ENTRIES = 8
