@@ -42,6 +42,7 @@ from skysense_o.checkpoint import SkySenseOCheckpointer
 from skysense_o.data.dataset_mappers import MAPPER_REGISTRY
 from skysense_o.data.dataset_mappers.robust import SkipBadSamples
 from skysense_o.engine import merge_overrides
+from skysense_o.engine.auxiliary_coverage import AuxiliaryLossCoverage
 from skysense_o.engine.weight_averaging import CHECKPOINT_KEY, WeightAveraging, start_iteration
 from skysense_o.evaluation import build_evaluator
 from skysense_o.evaluation.baseline import evaluate_majority_baseline
@@ -137,8 +138,12 @@ class Trainer(DefaultTrainer):
                 hook.checkpointer = self.checkpointer
 
     def build_hooks(self) -> List[hooks.HookBase]:
-        """Detectron2's hooks, with weight averaging (when enabled) before the checkpointer."""
+        """Return Detectron2's hooks plus the report of skipped auxiliary losses, and weight
+        averaging (when enabled) before the checkpointer."""
         hook_list = super().build_hooks()
+        if AuxiliaryLossCoverage.applies_to(self.model):
+            # Its scalar must be in the storage before the periodic writer, the last hook, runs.
+            hook_list.insert(0, AuxiliaryLossCoverage(self.model))
         average = self.cfg.SOLVER.WEIGHT_AVERAGE
         if not average.ENABLED:
             return hook_list

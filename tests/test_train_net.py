@@ -92,6 +92,21 @@ def test_train_then_eval_only_reproduces_metrics(datasets_root, tmp_path):
     assert "average of 3 weight snapshots" in trained.stdout + trained.stderr
 
 
+def test_training_reports_crops_without_auxiliary_losses(datasets_root, tmp_path):
+    output_dir = tmp_path / "run"
+
+    trained = run_train_net(datasets_root, output_dir,
+                            "MODEL.SKYSENSE_O.LOSS.REGION_CONTRAST_WEIGHT", "0.4",
+                            "MODEL.SKYSENSE_O.LOSS.REGULAR_WEIGHT", "0.4")
+
+    records = [json.loads(line) for line in (output_dir / "metrics.json").read_text().splitlines()]
+    fractions = [r["auxiliary_skipped_fraction"] for r in records
+                 if "auxiliary_skipped_fraction" in r]
+    assert fractions and all(0.0 <= f <= 1.0 for f in fractions)
+    # 3 iterations of 2 crops each.
+    assert "of 6 training crops" in trained.stdout + trained.stderr
+
+
 def test_eval_only_with_label_output_gives_same_metrics(datasets_root, tmp_path):
     trained_dir = tmp_path / "run"
     run_train_net(datasets_root, trained_dir)

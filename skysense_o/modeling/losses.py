@@ -175,8 +175,9 @@ class SkySenseOCriterion(nn.Module):
     """Combines the three losses for a batch of images with per-image class lists.
 
     The auxiliary (region) losses need at least two classes present in a crop; for a crop with
-    fewer they contribute zero, and the number of such crops is counted in
-    ``skipped_auxiliary`` so that a run where they never apply can be noticed.
+    fewer they contribute zero. ``auxiliary_crops`` counts the crops seen while those losses
+    are on and ``skipped_auxiliary`` the crops among them that contributed zero, so that a run
+    where they rarely apply can be noticed (the trainer reports both).
     """
 
     def __init__(
@@ -196,6 +197,7 @@ class SkySenseOCriterion(nn.Module):
         self.contrast_scale = contrast_scale
         self.ignore_value = ignore_value
         self.ignore_as_negative = ignore_as_negative
+        self.auxiliary_crops = 0
         self.skipped_auxiliary = 0
 
     @property
@@ -234,9 +236,11 @@ class SkySenseOCriterion(nn.Module):
             )
             zero = image_logits.sum() * 0.0
             present = self._present_classes(target, image_logits.shape[0])
-            if not self.uses_region_losses or int(present.sum()) < 2:
-                if self.uses_region_losses:
-                    self.skipped_auxiliary += 1
+            computable = int(present.sum()) >= 2
+            if self.uses_region_losses:
+                self.auxiliary_crops += 1
+                self.skipped_auxiliary += int(not computable)
+            if not self.uses_region_losses or not computable:
                 contrast_terms.append(zero)
                 regular_terms.append(zero)
                 continue

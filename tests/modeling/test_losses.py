@@ -111,12 +111,35 @@ def test_criterion_counts_crops_without_two_classes():
     logits = torch.zeros(2, 4, 4, requires_grad=True)
     target = torch.zeros(4, 4, dtype=torch.long)
 
-    losses = criterion([logits], [target], [torch.zeros(2, 3)], [torch.zeros(2, 3)],
-                       [torch.eye(2)], [None])
+    two_classes = torch.tensor([[0, 0, 1, 1]] * 4)
+
+    losses = criterion([logits, logits], [target, two_classes],
+                       [torch.zeros(2, 3), torch.eye(2, 3)], [torch.zeros(2, 3), torch.eye(2, 3)],
+                       [torch.eye(2), torch.eye(2)], [None, None])
+
+    # The two-class crop gives a positive contrast term, so the mean over both crops is too.
+    assert losses["loss_region_contrast"].item() > 0.0
+    assert criterion.auxiliary_crops == 2
+    assert criterion.skipped_auxiliary == 1
+
+    alone = criterion([logits], [target], [torch.zeros(2, 3)], [torch.zeros(2, 3)],
+                      [torch.eye(2)], [None])
+
+    assert alone["loss_region_contrast"].item() == 0.0
+    assert alone["loss_regularization"].item() == 0.0
+    assert (criterion.auxiliary_crops, criterion.skipped_auxiliary) == (3, 2)
+
+
+def test_criterion_counts_nothing_when_auxiliary_losses_are_off():
+    criterion = SkySenseOCriterion(pixel_weight=1.0, region_contrast_weight=0.0,
+                                   regular_weight=0.0, contrast_scale=1.0, ignore_value=255)
+    logits = torch.zeros(2, 4, 4, requires_grad=True)
+
+    losses = criterion([logits], [torch.zeros(4, 4, dtype=torch.long)], [None],
+                       [torch.zeros(2, 3)], [None], [None])
 
     assert losses["loss_region_contrast"].item() == 0.0
-    assert losses["loss_regularization"].item() == 0.0
-    assert criterion.skipped_auxiliary == 1
+    assert (criterion.auxiliary_crops, criterion.skipped_auxiliary) == (0, 0)
 
 
 @pytest.mark.parametrize("case_name", ["A_graph_dynamic", "B_plain", "C_shipped_config"])
