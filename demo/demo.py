@@ -404,13 +404,31 @@ def run_batch(session: DemoSession, patterns: Sequence[str], state=None) -> int:
     return failed
 
 
+def _any_input_exists(patterns: Sequence[str], output_dir: Path) -> bool:
+    """Return whether ``patterns`` name at least one existing file, logging an error otherwise.
+
+    Checking this before the model is built spares a user who mistyped every path the
+    model's start-up time, and leaves no empty output folder behind.
+    """
+    files, errors = collect_inputs(patterns, output_dir)
+    if any(path.is_file() for path in files):
+        return True
+    for error in errors:
+        logger.error("Input %s", error)
+    for path in files:
+        logger.error("Input %s: image file not found", path)
+    logger.error("No input image exists, so nothing was segmented: check the --input paths.")
+    return False
+
+
 def log_vocabulary(vocabulary: Vocabulary) -> None:
     """Log the class names in use (the first 20 of a long list)."""
     names = vocabulary.names
     listed = ", ".join(names[:20])
     if len(names) > 20:
         listed += f", ... ({len(names) - 20} more)"
-    logger.info("Segmenting with %d classes: %s", len(names), listed)
+    noun = "class" if len(names) == 1 else "classes"
+    logger.info("Segmenting with %d %s: %s", len(names), noun, listed)
 
 
 def _ask(prompt: str) -> Optional[str]:
@@ -483,6 +501,8 @@ def main(args: argparse.Namespace) -> int:
         logger.error("The interactive mode runs in one process; pass --input to split images "
                      "across the %d processes.", state.num_processes)
         return 2
+    if args.input and not _any_input_exists(args.input, Path(args.output)):
+        return 1
     device = args.device
     if device is None and state.num_processes > 1:
         # One device per process: its own GPU, or the CPU.

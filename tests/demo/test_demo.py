@@ -167,13 +167,31 @@ def test_invalid_texts_exit_with_usage_error(checkpoint, tmp_path, caplog):
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_weights_exit_with_usage_error(tmp_path, caplog):
+def test_missing_weights_exit_with_usage_error(samples_dir, tmp_path, caplog):
     missing = tmp_path / "absent.pth"
+    source = _write_crop(samples_dir / "demo" / "neon_osbs_029.png", tmp_path / "crop.png")
     with caplog.at_level(logging.ERROR):
-        status = demo.main(_arguments(missing, tmp_path / "out", "--input", "x.png"))
+        status = demo.main(_arguments(missing, tmp_path / "out", "--input", str(source)))
     assert status == 2
     assert "absent.pth" in caplog.text
     assert "not found" in caplog.text
+
+
+def test_no_existing_input_stops_before_model(tmp_path, caplog, monkeypatch):
+    def fail_to_build(*args, **kwargs):
+        raise AssertionError("the model must not be built when no input exists")
+
+    monkeypatch.setattr(demo, "Predictor", fail_to_build)
+    with caplog.at_level(logging.ERROR):
+        status = demo.main(_arguments(tmp_path / "absent.pth", tmp_path / "out", "--input",
+                                      str(tmp_path / "typo.png"), str(tmp_path / "*.tif")))
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+
+    assert status == 1
+    assert any("typo.png" in e and "not found" in e for e in errors)
+    assert any("*.tif" in e and "matches no image file" in e for e in errors)
+    assert "check the --input paths" in errors[-1]
+    assert not (tmp_path / "out").exists()
 
 
 def test_benchmark_texts_reach_the_outputs(checkpoint, samples_dir, tmp_path):
