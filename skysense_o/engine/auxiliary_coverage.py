@@ -3,9 +3,10 @@
 The region contrast and the regulariser compare the classes present in a crop, so a crop with
 fewer than two labelled classes contributes zero to them. When most crops are like that (small
 crops of homogeneous scenes, or a dataset with one class per image), the auxiliary weights in
-the config have almost no effect, and nothing in the loss curves shows it. This hook writes the
-fraction of such crops to the event storage every iteration (``metrics.json`` and TensorBoard)
-and states the totals in the log when training ends.
+the config have almost no effect, and nothing in the loss curves shows it. After every
+iteration, this hook puts the fraction of such crops since the start of training into the
+event storage, so each write of ``metrics.json`` and TensorBoard records the running fraction.
+When training ends, it logs the totals.
 """
 
 import logging
@@ -44,17 +45,15 @@ class AuxiliaryLossCoverage(HookBase):
         self.criterion = _unwrap(model).criterion
         self._start_crops = self.criterion.auxiliary_crops
         self._start_skipped = self.criterion.skipped_auxiliary
-        self._last_crops = self._start_crops
-        self._last_skipped = self._start_skipped
 
     def after_step(self) -> None:
-        crops = self.criterion.auxiliary_crops
-        skipped = self.criterion.skipped_auxiliary
-        new_crops = crops - self._last_crops
-        if new_crops > 0:
-            fraction = (skipped - self._last_skipped) / new_crops
-            self.trainer.storage.put_scalar(SCALAR_NAME, fraction)
-        self._last_crops, self._last_skipped = crops, skipped
+        crops = self.criterion.auxiliary_crops - self._start_crops
+        if crops == 0:
+            return
+        skipped = self.criterion.skipped_auxiliary - self._start_skipped
+        # The running fraction is written as is: the writers' default median over 20 iterations
+        # would show 0 whenever fewer than half of those iterations had a skipped crop.
+        self.trainer.storage.put_scalar(SCALAR_NAME, skipped / crops, smoothing_hint=False)
 
     def after_train(self) -> None:
         crops = self.criterion.auxiliary_crops - self._start_crops

@@ -42,7 +42,7 @@ def run(hook, batches):
         return history.values() if history is not None else []
 
 
-def test_step_fractions_and_warning(caplog):
+def test_running_fraction_and_warning(caplog):
     model = make_model(0.4)
     hook = AuxiliaryLossCoverage(model)
 
@@ -50,7 +50,8 @@ def test_step_fractions_and_warning(caplog):
         values = run(hook, [[ONE_CLASS, TWO_CLASSES], [ONE_CLASS, ONE_CLASS],
                             [TWO_CLASSES, TWO_CLASSES, ONE_CLASS, ONE_CLASS]])
 
-    assert values == [(0.5, 0), (1.0, 1), (0.5, 2)]
+    # Running fractions: 1 of 2 crops, 3 of 4, then 5 of 8.
+    assert values == [(0.5, 0), (0.75, 1), (0.625, 2)]
     record = caplog.records[-1]
     # 5 of 8 crops skipped is more than half, so the summary is a warning.
     assert record.levelno == logging.WARNING
