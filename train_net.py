@@ -274,8 +274,20 @@ def setup(args) -> CfgNode:
     """Build the config from the defaults, the config file and the command-line overrides."""
     cfg = get_cfg()
     add_skysense_o_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    merge_overrides(cfg, args.opts)
+    # KeyError's str() puts quotes around the message, so the messages are taken from args.
+    if not os.path.isfile(args.config_file):
+        raise SystemExit(
+            f"Config file {args.config_file} not found: give a path such as "
+            "configs/quickstart.yaml"
+        )
+    try:
+        cfg.merge_from_file(args.config_file)
+    except KeyError as error:
+        raise SystemExit(f"Invalid config file {args.config_file}: {error.args[0]}") from None
+    try:
+        merge_overrides(cfg, args.opts)
+    except (KeyError, ValueError) as error:
+        raise SystemExit(f"Invalid command-line override: {error.args[0]}") from None
     cfg.freeze()
     try:
         check_config_choices(cfg)

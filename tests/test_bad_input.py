@@ -374,9 +374,10 @@ def test_unknown_config_key_on_command_line():
         "MODEL.SKYSENSE_O.DECODER.HIDEN_DIM", "32",
     ])
 
-    with pytest.raises(KeyError) as info:
+    with pytest.raises(SystemExit) as info:
         train_net.setup(args)
     message = str(info.value)
+    assert message.startswith("Invalid command-line override: ")
     assert "Unknown config key MODEL.SKYSENSE_O.DECODER.HIDEN_DIM" in message
     assert "Did you mean HIDDEN_DIM?" in message
 
@@ -386,7 +387,7 @@ def test_odd_number_of_overrides_rejected():
         "--config-file", str(REPO_ROOT / "configs" / "quickstart.yaml"), "SOLVER.MAX_ITER",
     ])
 
-    with pytest.raises(ValueError, match="KEY VALUE pairs"):
+    with pytest.raises(SystemExit, match="KEY VALUE pairs"):
         train_net.setup(args)
 
 
@@ -398,8 +399,11 @@ def test_unknown_config_key_in_file(tmp_path):
     )
     args = default_argument_parser().parse_args(["--config-file", str(config)])
 
-    with pytest.raises(KeyError, match="DATASETS.SKYSA.MAX_BAD_SAMPLES"):
+    with pytest.raises(SystemExit) as info:
         train_net.setup(args)
+    message = str(info.value)
+    assert message.startswith(f"Invalid config file {config}: ")
+    assert "DATASETS.SKYSA.MAX_BAD_SAMPLES" in message
 
 
 # ---- Checkpoints -------------------------------------------------------------------------------
