@@ -141,9 +141,9 @@ _GATHER_COST = 12
 def _cell_bounds(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Return the T x h x w maximum and minimum of each class over the corners of each cell.
 
-    Cell (i, j) has the corners rows i and min(i + 1, h - 1) by columns j and min(j + 1, w - 1),
-    the four source values that bilinear interpolation blends for the output pixels whose
-    lower source indices are (i, j).
+    Cell (i, j) has its corners at rows i and min(i + 1, h - 1) and columns j and
+    min(j + 1, w - 1). These are the four source values that bilinear interpolation blends
+    for the output pixels whose lower source indices are (i, j).
     """
     padded = F.pad(scores[None], (0, 1, 0, 1), mode="replicate")[0]
     row_max = torch.maximum(padded[:, :-1], padded[:, 1:])
@@ -171,8 +171,9 @@ def bilinear_argmax(
     lies between their minimum and maximum. In each source cell (the four values shared by a
     patch of output pixels), the ``candidates`` classes with the highest maxima are
     interpolated first. A pixel's winner is certain when it beats the highest maximum of the
-    classes left out; the few pixels where it does not are recomputed with every class that
-    can still win there (those whose maximum reaches the largest minimum of any class).
+    classes left out. The few pixels where it does not are recomputed with every class that
+    can still win there, that is, every class whose maximum reaches the largest minimum of any
+    class.
 
     Args:
         scores: T x h x w floating-point scores.
@@ -243,8 +244,7 @@ def _bilinear_argmax(scores, output_size, candidates, max_block_elements):
         return labels, values
     able = upper >= floor
     ys, xs = uncertain[:, 0], uncertain[:, 1]
-    cells = torch.unique(torch.as_tensor(rows[0], device=scores.device)[ys] * scores.shape[2]
-                         + torch.as_tensor(columns[0], device=scores.device)[xs])
+    cells = torch.unique(row_cells[ys] * scores.shape[2] + column_cells[xs])
     needed = int(able.flatten(1)[:, cells].sum(dim=0).max())
     if needed * len(ys) * _GATHER_COST < num_classes * len(torch.unique(ys)) * width:
         fixed_labels, fixed_values = _argmax_at_pixels(

@@ -196,7 +196,8 @@ def test_benchmark_image_reads_and_resizes_file(samples_dir):
 
     image = bench.benchmark_image(48, str(image_file))
 
-    assert image.shape == (3, 48, 48) and image.dtype == torch.uint8
+    assert image.shape == (3, 48, 48)
+    assert image.dtype == torch.uint8
     assert float(image.float().std()) > 1.0
 
 

@@ -237,7 +237,8 @@ def resized_top(scores, size):
 def assert_same_top_class(scores, size, **options):
     labels, values = bilinear_argmax(scores, size, **options)
     resized, (expected_values, expected_labels) = resized_top(scores, size)
-    assert labels.shape == size and labels.dtype == torch.int64
+    assert labels.shape == size
+    assert labels.dtype == torch.int64
     assert torch.allclose(values, expected_values, atol=1e-6)
     # Where the labels differ, the two classes must tie up to float rounding.
     differ = labels != expected_labels
@@ -302,7 +303,7 @@ def test_bilinear_argmax_checks_uncertain_pixels_one_by_one(monkeypatch):
     assert calls and 0 < calls[0] < 160 * 160
 
 
-def test_bilinear_argmax_falls_back_to_dense_rows_for_flat_scores(monkeypatch):
+def test_bilinear_argmax_flat_scores_dense_rows(monkeypatch):
     dense_calls = []
     original = inference._argmax_dense_rows
     monkeypatch.setattr(inference, "_argmax_dense_rows",
@@ -340,7 +341,9 @@ def test_bilinear_argmax_compares_constant_classes_exactly():
     assert torch.equal(labels[clear], probabilities.argmax(dim=0)[clear])
     # Where constant class 1 wins, its value is exact.
     assert torch.all(values[labels == 1] == 0.5)
-    assert (labels == 1).any() and not (labels == 4).any() and not (labels == 5).any()
+    assert (labels == 1).any()
+    assert not (labels == 4).any()
+    assert not (labels == 5).any()
 
 
 def test_bilinear_argmax_of_constant_classes_only():

@@ -171,7 +171,8 @@ def test_label_output_is_argmax_of_probabilities(mode, overrides, image_size, ou
     scores = probabilities(inputs)[0]["sem_seg"]
     predicted = labels(inputs)[0]["sem_seg"]
 
-    assert predicted.shape == output_size and predicted.dtype == torch.int64
+    assert predicted.shape == output_size
+    assert predicted.dtype == torch.int64
     best = scores.max(dim=0).values
     chosen = scores.gather(0, predicted[None])[0]
     # Identical except where two classes tie up to float rounding.
